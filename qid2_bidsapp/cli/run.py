@@ -1,0 +1,304 @@
+"""Entry point of the ``qid2`` command: parse, check inputs, build and run the workflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from .. import __version__
+from ..config import Config
+from ..errors import InputError, Qid2Error
+
+LOGGER = logging.getLogger("qid2")
+
+
+def _config_from_args(argv: list[str] | None) -> Config:
+    from ..bids import load_bids_filter_file
+    from .parser import _build_parser
+
+    args = _build_parser().parse_args(argv)
+    options = vars(args)
+    filter_file = options.pop("bids_filter_file")
+    options["bids_filters"] = load_bids_filter_file(filter_file) if filter_file else None
+    if options["nprocs"] is None:
+        options.pop("nprocs")
+    return Config(**options)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(message)s", "%H:%M:%S"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+
+
+def _nipype_logging(verbose: int) -> dict:
+    level = "DEBUG" if verbose >= 2 else "INFO" if verbose else "WARNING"
+    return {"workflow_level": level, "interface_level": level, "utils_level": level}
+
+
+def _add_log_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    for name in ("qid2", "nipype.workflow", "nipype.interface"):
+        logging.getLogger(name).addHandler(handler)
+
+
+def preflight(config: Config) -> list:
+    """Check every input before anything is written; return the runs to process.
+
+    Parameters
+    ----------
+    config : Config
+        Settings of the invocation.
+
+    Returns
+    -------
+    list of DWIRun
+
+    Raises
+    ------
+    Qid2Error
+        On the first problem found, naming the file.
+
+    """
+    from ..bids import collect_dwi_runs, detect_input_type
+    from ..derivatives import check_output_dir
+    from ..engines.base import get_engine
+    from ..gradients import load_target_bvecs
+    from ..upsampling import load_dwi_header, match_shells, read_gradients
+
+    if not config.bids_dir.is_dir():
+        raise InputError(config.bids_dir, "bids_dir does not exist or is not a folder")
+    get_engine(config.engine, **config.engine_options)
+    input_type = config.input_type
+    if input_type == "auto":
+        input_type = detect_input_type(config.bids_dir)
+        LOGGER.info("input type: %s", input_type)
+    if input_type == "raw" and not config.skip_bids_validation:
+        from ..validation import validate_input
+
+        LOGGER.info("validating %s with bids-validator-deno", config.bids_dir)
+        result = validate_input(config.bids_dir)
+        LOGGER.info("BIDS validation: %s", result.summary())
+    check_output_dir(config.bids_dir, config.output_dir)
+    if config.target_bvecs is not None:
+        load_target_bvecs(config.target_bvecs)
+    runs = collect_dwi_runs(
+        config.bids_dir,
+        input_type=input_type,
+        participant_labels=config.participant_label,
+        session_ids=config.session_id,
+        bids_filters=config.bids_filters,
+    )
+    selected = []
+    for run in runs:
+        img = load_dwi_header(run.dwi)
+        table = read_gradients(run.dwi, run.bval, run.bvec, run.bmatrix, img)
+        if not match_shells(table, config.shells, table.shell_tolerance):
+            LOGGER.warning(
+                "%s: none of the requested shells %s (it has %s); skipped",
+                run.relpath,
+                config.shells,
+                sorted(table.shells),
+            )
+            continue
+        if run.mask is not None and load_dwi_header_3d(run.mask) != img.shape[:3]:
+            raise InputError(run.mask, f"mask grid differs from the DWI grid {img.shape[:3]}")
+        selected.append(run)
+    if not selected:
+        raise InputError(config.bids_dir, f"no DWI run has any of the shells {config.shells}")
+    return selected
+
+
+def load_dwi_header_3d(path: Path) -> tuple[int, ...]:
+    """Spatial shape of a NIfTI mask (header only)."""
+    import nibabel as nib
+
+    try:
+        return tuple(nib.load(str(path)).shape[:3])
+    except Exception as exc:
+        raise InputError(path, f"cannot be read as NIfTI ({exc})") from None
+
+
+def _progress_callback(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="qid2", unit="step", disable=None, file=sys.stderr)
+    failed: list[str] = []
+
+    def callback(node, status):
+        if status in ("end", "exception"):
+            bar.update(1)
+        if status == "exception":
+            failed.append(node.fullname.removeprefix("qid2_wf."))
+            LOGGER.error("step failed: %s", node.fullname)
+
+    return bar, callback, failed
+
+
+def run_participant(config: Config) -> int:
+    """Run the participant level; return the exit status.
+
+    Parameters
+    ----------
+    config : Config
+        Settings of the invocation.
+
+    Returns
+    -------
+    int
+
+    """
+    from nipype import config as nipype_config
+
+    from ..derivatives import write_dataset_description
+    from ..reports.subject import build_subject_report
+    from ..workflows.base import init_qid2_wf
+
+    if config.reports_only:
+        return _reports_only(config, build_subject_report)
+    runs = preflight(config)
+    LOGGER.info("%d DWI run(s) of %d participant(s)", len(runs), len({r.subject for r in runs}))
+    # inputs are fine: from here on, the output folder may be written
+    write_dataset_description(config.output_dir, config.bids_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    logs = config.output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"qid2-{stamp}.log"
+    _add_log_file(log_path)
+    config.to_json(logs / f"config-{stamp}.json")
+    LOGGER.info("qid2 %s; log: %s", __version__, log_path)
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    crash_dir = logs / "crash"
+    nipype_config.update_config(
+        {
+            "execution": {
+                "crashdump_dir": str(crash_dir),
+                "crashfile_format": "txt",
+                "stop_on_first_crash": config.stop_on_first_crash,
+                "remove_unnecessary_outputs": False,
+                "hash_method": "content",
+                "poll_sleep_duration": 0.2,
+            },
+            "monitoring": {"enabled": False},
+            "logging": _nipype_logging(config.verbose),
+        }
+    )
+    from nipype import logging as nipype_logging
+
+    nipype_logging.update_logging(nipype_config)
+    workflow = init_qid2_wf(config=config, runs=runs, log_path=str(log_path))
+    if config.write_graph:
+        _write_graph(workflow, logs)
+    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False}
+    if config.mem_gb:
+        plugin_args["memory_gb"] = config.mem_gb
+    bar, plugin_args["status_callback"], failed = _progress_callback(len(workflow._get_all_nodes()))
+    start = time.perf_counter()
+    try:
+        workflow.run(plugin="MultiProc", plugin_args=plugin_args)
+    except RuntimeError as exc:
+        bar.close()
+        what = f"{len(failed)} step(s) failed: {', '.join(failed[:3])}" if failed else str(exc)
+        more = ", ..." if len(failed) > 3 else ""
+        raise Qid2Error(
+            f"{what}{more}; crash reports in {crash_dir} (log: {log_path}); runs that finished "
+            "are complete in the output folder, rerun with the same -w to resume"
+        ) from None
+    bar.close()
+    LOGGER.info("finished in %.1f s", time.perf_counter() - start)
+    for subject in sorted({r.subject for r in runs}):
+        print(f"qid2: report for sub-{subject}: {config.output_dir / f'sub-{subject}.html'}")
+    return 0
+
+
+def _write_graph(workflow, logs: Path) -> None:
+    try:
+        workflow.write_graph(
+            graph2use="colored", format="svg", simple_form=True, dotfilename=str(logs / "graph.dot")
+        )
+    except Exception as exc:  # graphviz missing: keep the .dot file
+        LOGGER.warning("could not render the workflow graph (%s); wrote the .dot file", exc)
+
+
+def _reports_only(config: Config, build) -> int:
+    from ..bids import strip_label
+
+    if not config.output_dir.is_dir():
+        raise InputError(config.output_dir, "output_dir does not exist: nothing to report on")
+    subjects = (
+        [strip_label(p, "sub-") for p in config.participant_label]
+        if config.participant_label
+        else sorted(p.name[4:] for p in config.output_dir.glob("sub-*") if p.is_dir())
+    )
+    if not subjects:
+        raise InputError(config.output_dir, "no sub-* folders: run the participant level first")
+    for subject in subjects:
+        print(f"qid2: report for sub-{subject}: {build(config.output_dir, subject)}")
+    return 0
+
+
+def run_group(config: Config) -> int:
+    """Run the group level; return the exit status.
+
+    Parameters
+    ----------
+    config : Config
+        Settings of the invocation.
+
+    Returns
+    -------
+    int
+
+    """
+    from ..reports.group import build_group_report
+
+    if not config.output_dir.is_dir():
+        raise InputError(
+            config.output_dir, "output_dir does not exist: run the participant level first"
+        )
+    table, html = build_group_report(config.output_dir)
+    print(f"qid2: group QC table: {table}")
+    print(f"qid2: group report: {html}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run qid2 from the command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 1 on an error the user can act on, 2 on usage errors.
+
+    """
+    try:
+        config = _config_from_args(argv)
+        _setup_logging(config.verbose)
+        os.environ.setdefault("OMP_NUM_THREADS", str(config.omp_nthreads))
+        if config.analysis_level == "group":
+            return run_group(config)
+        return run_participant(config)
+    except Qid2Error as exc:
+        print(f"qid2: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qid2: interrupted; finished runs are complete in the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The settings of one qid2 invocation, written next to the outputs for reproducibility."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+
+
+@dataclass
+class Config:
+    """Everything a run needs, from the command line or a JSON file."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str = "participant"
+    participant_label: list[str] | None = None
+    session_id: list[str] | None = None
+    bids_filters: dict | None = None
+    input_type: str = "auto"
+    skip_bids_validation: bool = False
+    engine: str = "qid2"
+    n_targets: int | None = None
+    target_bvecs: Path | None = None
+    shells: list[float] | None = None
+    sh_order: int | None = None
+    sh_lambda: float = 0.006
+    n_hidden: int | None = None
+    random_seed: int = 0
+    work_dir: Path = Path("work")
+    nprocs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    stop_on_first_crash: bool = False
+    write_graph: bool = False
+    reports_only: bool = False
+    verbose: int = 0
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        for name in ("bids_dir", "output_dir", "work_dir"):
+            setattr(self, name, Path(getattr(self, name)).absolute())
+        if self.target_bvecs is not None:
+            self.target_bvecs = Path(self.target_bvecs).absolute()
+        if self.omp_nthreads is None:
+            self.omp_nthreads = max(1, min(8, self.nprocs))
+
+    @property
+    def engine_options(self) -> dict:
+        """Keyword options for :func:`qid2_bidsapp.engines.base.get_engine`."""
+        return {"sh_order": self.sh_order, "sh_lambda": self.sh_lambda}
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable settings."""
+        out = {}
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            out[item.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+    def to_json(self, path: Path) -> None:
+        """Write the settings as JSON (atomically)."""
+        from .derivatives import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: Path) -> Config:
+        """Read settings written by :meth:`to_json`."""
+        data = json.loads(Path(path).read_text())
+        data.pop("version", None)
+        return cls(**data)

@@ -1,0 +1,343 @@
+"""Quality control on plain arrays: DTI/FA, error metrics and the hidden-direction self-check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from dipy.core.gradients import gradient_table
+from dipy.reconst.dti import TensorModel
+
+#: Fraction of a shell's acquired directions hidden for the self-check.
+HIDDEN_FRACTION = 0.1
+#: Directions that must remain in a shell after hiding some (a tensor has 6 parameters).
+MIN_REMAINING_DIRECTIONS = 6
+
+
+@dataclass
+class DTIResult:
+    """Maps from a single-tensor fit.
+
+    Attributes
+    ----------
+    fa : ndarray, shape (X, Y, Z), float32
+        Fractional anisotropy, 0 outside the mask and where the fit is undefined.
+    md : ndarray, shape (X, Y, Z), float32
+        Mean diffusivity (mm^2/s when b is in s/mm^2), 0 outside the mask.
+    evec1 : ndarray, shape (X, Y, Z, 3), float32
+        Principal eigenvector, 0 outside the mask.
+
+    """
+
+    fa: np.ndarray
+    md: np.ndarray
+    evec1: np.ndarray
+
+
+def _resolve_mask(mask: np.ndarray | None, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """Return ``mask`` as a boolean array of ``spatial_shape`` (all True when ``None``)."""
+    if mask is None:
+        return np.ones(spatial_shape, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != tuple(spatial_shape):
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {spatial_shape}")
+    return mask
+
+
+def _fit_dti_voxels(
+    voxels: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, b0_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit WLS DTI to a (V, N) array of voxel signals; return FA (V,), MD (V,), evec1 (V, 3)."""
+    n_vox = voxels.shape[0]
+    if n_vox == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 3), np.float32)
+    gtab = gradient_table(
+        np.asarray(bvals, dtype=np.float64),
+        bvecs=np.asarray(bvecs, dtype=np.float64),
+        b0_threshold=b0_threshold,
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fit = TensorModel(gtab, fit_method="WLS").fit(voxels)
+        fa = np.nan_to_num(np.asarray(fit.fa, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        md = np.nan_to_num(np.asarray(fit.md, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        evec1 = np.nan_to_num(np.asarray(fit.evecs[..., :, 0], dtype=np.float32), nan=0.0)
+    return np.clip(fa, 0.0, 1.0), md, evec1
+
+
+def fit_dti(
+    data: np.ndarray,
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    b0_threshold: float = 50.0,
+) -> DTIResult:
+    """Fit a single-tensor model (weighted least squares) in the mask.
+
+    Parameters
+    ----------
+    data : ndarray, shape (X, Y, Z, V)
+        DWI volumes (any b-values, including b=0).
+    bvals : ndarray, shape (V,)
+        b-values in s/mm^2.
+    bvecs : ndarray, shape (V, 3)
+        Unit gradient directions (any values for b=0 volumes).
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels to fit; ``None`` fits every voxel.
+    b0_threshold : float, optional
+        b-values at or below this count as b=0.
+
+    Returns
+    -------
+    DTIResult
+        FA, MD and principal eigenvector, 0 outside the mask; NaN replaced by 0.
+
+    """
+    data = np.asarray(data)
+    if data.ndim != 4:
+        raise ValueError(f"data must be 4D (X, Y, Z, V), got shape {data.shape}")
+    spatial = data.shape[:3]
+    mask = _resolve_mask(mask, spatial)
+    fa_v, md_v, evec_v = _fit_dti_voxels(data[mask].astype(np.float64), bvals, bvecs, b0_threshold)
+    fa = np.zeros(spatial, np.float32)
+    md = np.zeros(spatial, np.float32)
+    evec1 = np.zeros((*spatial, 3), np.float32)
+    fa[mask], md[mask], evec1[mask] = fa_v, md_v, evec_v
+    return DTIResult(fa=fa, md=md, evec1=evec1)
+
+
+def colour_fa(fa: np.ndarray, evec1: np.ndarray) -> np.ndarray:
+    """Directionally encoded colour FA.
+
+    Parameters
+    ----------
+    fa : ndarray, shape (X, Y, Z)
+        Fractional anisotropy.
+    evec1 : ndarray, shape (X, Y, Z, 3)
+        Principal eigenvector.
+
+    Returns
+    -------
+    ndarray, shape (X, Y, Z, 3), float32
+        ``|evec1| * fa`` (red = x, green = y, blue = z), clipped to [0, 1]; NaN becomes 0.
+
+    """
+    rgb = np.abs(np.asarray(evec1, dtype=np.float32)) * np.asarray(fa, np.float32)[..., None]
+    return np.clip(np.nan_to_num(rgb, nan=0.0), 0.0, 1.0)
+
+
+def _masked_values(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Return the values of ``a`` in the mask as float64, (V,) or (V, K)."""
+    a = np.asarray(a)
+    if mask is None:
+        return a.astype(np.float64)
+    return a[_resolve_mask(mask, a.shape[: np.ndim(mask)])].astype(np.float64)
+
+
+def masked_nrmse(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Normalised root-mean-square error ``‖pred − truth‖ / ‖truth‖`` in the mask.
+
+    Parameters
+    ----------
+    pred, truth : ndarray, shape (X, Y, Z) or (X, Y, Z, K)
+        Prediction and reference (every volume counts).
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels to compare; ``None`` compares every voxel.
+
+    Returns
+    -------
+    float
+        The NRMSE; NaN when the mask is empty or ``truth`` is zero in it.
+
+    """
+    if np.shape(pred) != np.shape(truth):
+        raise ValueError(f"shape mismatch: {np.shape(pred)} vs {np.shape(truth)}")
+    p, t = _masked_values(pred, mask), _masked_values(truth, mask)
+    denominator = np.linalg.norm(t)
+    if t.size == 0 or denominator == 0:
+        return float("nan")
+    return float(np.linalg.norm(p - t) / denominator)
+
+
+def masked_mae(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute difference in the mask.
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (X, Y, Z) or (X, Y, Z, K)
+        Images to compare (every volume counts).
+    mask : ndarray of bool, shape (X, Y, Z), optional
+        Voxels to compare; ``None`` compares every voxel.
+
+    Returns
+    -------
+    float
+        ``mean(|a − b|)`` over the mask; NaN when the mask is empty.
+
+    """
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"shape mismatch: {np.shape(a)} vs {np.shape(b)}")
+    diff = np.abs(_masked_values(a, mask) - _masked_values(b, mask))
+    return float(diff.mean()) if diff.size else float("nan")
+
+
+def _antipodal_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return ``|a · b|`` for unit row vectors, clipped to [0, 1] (larger = closer)."""
+    return np.clip(np.abs(a @ b.T), 0.0, 1.0)
+
+
+def choose_hidden_directions(bvecs: np.ndarray, n_hidden: int, seed: int = 0) -> np.ndarray:
+    """Pick a spread-out, deterministic subset of directions to hide.
+
+    Greedy farthest-point sampling by antipodally symmetric angle: the first direction is
+    drawn with ``numpy.random.default_rng(seed)``; each next one is the direction farthest
+    from all chosen so far (ties broken by lowest index).
+
+    Parameters
+    ----------
+    bvecs : ndarray, shape (N, 3)
+        Unit directions of one shell.
+    n_hidden : int
+        Number of directions to pick, ``0 <= n_hidden <= N``.
+    seed : int, optional
+        Seed of the starting direction.
+
+    Returns
+    -------
+    ndarray of int, shape (n_hidden,)
+        Sorted indices into ``bvecs``.
+
+    """
+    b = np.asarray(bvecs, dtype=np.float64)
+    if b.ndim != 2 or b.shape[1] != 3:
+        raise ValueError(f"bvecs must have shape (N, 3), got {b.shape}")
+    n = b.shape[0]
+    if int(n_hidden) != n_hidden or not 0 <= n_hidden <= n:
+        raise ValueError(f"n_hidden must be an integer between 0 and {n}, got {n_hidden}")
+    if n_hidden == 0:
+        return np.zeros(0, dtype=np.intp)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    chosen = [int(np.random.default_rng(seed).integers(n))]
+    closeness = _antipodal_cos(b, b[chosen[0]][None, :])[:, 0]  # max |cos| to chosen set
+    for _ in range(int(n_hidden) - 1):
+        closeness[chosen] = np.inf
+        nxt = int(np.argmin(closeness))
+        chosen.append(nxt)
+        closeness = np.maximum(closeness, _antipodal_cos(b, b[nxt][None, :])[:, 0])
+    return np.sort(np.asarray(chosen, dtype=np.intp))
+
+
+def default_n_hidden(n_directions: int) -> int:
+    """Return how many of a shell's directions to hide for the self-check.
+
+    Parameters
+    ----------
+    n_directions : int
+        Acquired directions of the shell.
+
+    Returns
+    -------
+    int
+        About 10 % of the shell, at least 1, leaving at least 6 directions; 0 when the shell
+        has fewer than 7 directions.
+
+    """
+    n_directions = int(n_directions)
+    if n_directions < MIN_REMAINING_DIRECTIONS + 1:
+        return 0
+    n_hidden = max(1, int(round(HIDDEN_FRACTION * n_directions)))
+    return min(n_hidden, n_directions - MIN_REMAINING_DIRECTIONS)
+
+
+def _mean_b0(data: np.ndarray, bvals: np.ndarray, b0_threshold: float) -> np.ndarray:
+    """Mean of the b=0 volumes of ``data`` as float32."""
+    is_b0 = np.asarray(bvals) <= b0_threshold
+    if not np.any(is_b0):
+        raise ValueError(f"no b=0 volume (b <= {b0_threshold}) in the data")
+    return data[..., is_b0].mean(axis=-1, dtype=np.float64).astype(np.float32)
+
+
+def _nan_check(n_hidden: int) -> dict:
+    """Self-check result when nothing can be hidden."""
+    return {"hidden_n": int(n_hidden), "hidden_nrmse": float("nan"), "hidden_fa_mae": float("nan")}
+
+
+def hidden_direction_check(
+    data: np.ndarray,
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    shell_indices: np.ndarray,
+    engine,
+    mask: np.ndarray | None,
+    *,
+    n_hidden: int | None = None,
+    seed: int = 0,
+    fa_reference: np.ndarray | None = None,
+    b0_threshold: float = 50.0,
+) -> dict:
+    """Self-check of an engine on one shell: hide acquired directions and predict them.
+
+    Parameters
+    ----------
+    data : ndarray, shape (X, Y, Z, V)
+        All acquired volumes (every shell and the b=0 volumes).
+    bvals : ndarray, shape (V,)
+        b-values in s/mm^2.
+    bvecs : ndarray, shape (V, 3)
+        Unit gradient directions.
+    shell_indices : array of int
+        Volume indices of the shell under test.
+    engine : Upsampler
+        Engine whose ``predict`` synthesises the hidden directions from the rest of the shell.
+    mask : ndarray of bool, shape (X, Y, Z) or None
+        Brain mask (``None``: every voxel).
+    n_hidden : int, optional
+        Directions to hide; default :func:`default_n_hidden` of the shell size.
+    seed : int, optional
+        Seed of :func:`choose_hidden_directions`.
+    fa_reference : ndarray, shape (X, Y, Z), optional
+        FA of DTI on all volumes of ``data``; computed when ``None``.
+    b0_threshold : float, optional
+        b-values at or below this count as b=0.
+
+    Returns
+    -------
+    dict
+        ``hidden_n`` (int), ``hidden_nrmse`` (NRMSE of the predicted hidden volumes in the
+        mask) and ``hidden_fa_mae`` (mean absolute FA difference in the mask between DTI on
+        all volumes and DTI with the hidden volumes replaced by their predictions); the
+        metrics are NaN when ``hidden_n`` is 0.
+
+    """
+    data = np.asarray(data)
+    bvals = np.asarray(bvals, dtype=np.float64)
+    bvecs = np.asarray(bvecs, dtype=np.float64)
+    shell = np.asarray(shell_indices, dtype=np.intp).reshape(-1)
+    if n_hidden is None:
+        n_hidden = default_n_hidden(shell.size)
+    if n_hidden == 0:
+        return _nan_check(0)
+    if shell.size - n_hidden < 1:
+        raise ValueError(f"cannot hide {n_hidden} of {shell.size} directions")
+    mask = _resolve_mask(mask, data.shape[:3])
+
+    local_hidden = choose_hidden_directions(bvecs[shell], n_hidden, seed)
+    hidden = shell[local_hidden]
+    kept = np.delete(shell, local_hidden)
+    prediction = engine.predict(
+        data[..., kept].astype(np.float32),
+        _mean_b0(data, bvals, b0_threshold),
+        bvecs[kept],
+        bvecs[hidden],
+        float(np.median(bvals[shell])),
+        mask,
+    )
+    nrmse = masked_nrmse(prediction, data[..., hidden], mask)
+
+    if fa_reference is None:
+        fa_reference = fit_dti(data, bvals, bvecs, mask, b0_threshold=b0_threshold).fa
+    voxels = data[mask].astype(np.float64)
+    voxels[:, hidden] = prediction[mask]
+    fa_replaced, _, _ = _fit_dti_voxels(voxels, bvals, bvecs, b0_threshold)
+    fa_mae = masked_mae(fa_replaced, np.asarray(fa_reference)[mask], None)
+    return {"hidden_n": int(n_hidden), "hidden_nrmse": nrmse, "hidden_fa_mae": fa_mae}

@@ -1,0 +1,59 @@
+"""Helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from qid2_bidsapp.validation import run_validator
+
+
+def assert_valid_derivative(out: Path) -> None:
+    """The output passes the BIDS validator and pybids indexes its DWI and masks."""
+    from bids import BIDSLayout
+
+    result = run_validator(out)
+    assert not result.errors, result.summary()
+    layout = BIDSLayout(
+        str(out), validate=False, is_derivative=True, config=["bids", "derivatives"]
+    )
+    dwis = layout.get(suffix="dwi", desc="preproc", extension=".nii.gz", return_type="filename")
+    masks = layout.get(suffix="mask", desc="brain", extension=".nii.gz", return_type="filename")
+    assert dwis and len(dwis) == len(masks)
+    for dwi in dwis:
+        # QSIRecon finds the mask by slicing the DWI name
+        assert dwi.split("_desc-preproc_dwi")[0] + "_desc-brain_mask.nii.gz" in masks
+
+
+def check_run_outputs(dwi_path: Path, n_input_volumes: int) -> dict:
+    """Consistency of one run's merged DWI, gradients and sidecar; returns the sidecar."""
+    img = nib.load(dwi_path)
+    stem = str(dwi_path)[: -len(".nii.gz")]
+    bvals = np.loadtxt(stem + ".bval")
+    bvecs = np.loadtxt(stem + ".bvec")
+    btable = np.loadtxt(stem + ".b")
+    sidecar = json.loads(Path(stem + ".json").read_text())
+    n_total = img.shape[3]
+    assert bvals.size == bvecs.shape[1] == btable.shape[0] == n_total
+    assert sidecar["AcquiredVolumes"] == list(range(n_input_volumes))
+    assert sidecar["SynthesizedVolumes"] == list(range(n_input_volumes, n_total))
+    assert n_total > n_input_volumes
+    synth = np.asarray(img.dataobj)[..., n_input_volumes:]
+    assert np.isfinite(synth).all() and synth.min() >= 0 and synth.max() > 0
+    norms = np.linalg.norm(bvecs[:, n_input_volumes:], axis=0)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    return sidecar
+
+
+def read_tsv(path: Path) -> list[dict]:
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))

@@ -1,0 +1,250 @@
+"""The command line: parser, generated docs, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qid2_bidsapp import __version__
+from qid2_bidsapp.cli.docs import usage_markdown
+from qid2_bidsapp.cli.parser import _build_parser
+from qid2_bidsapp.cli.run import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(*args):
+    return _build_parser().parse_args(list(args))
+
+
+def test_positionals_and_defaults(tmp_path):
+    args = parse(str(tmp_path), str(tmp_path / "out"), "participant")
+    assert args.analysis_level == "participant"
+    assert args.engine == "qid2"
+    assert args.n_targets is None and args.target_bvecs is None
+    assert args.random_seed == 0
+    assert args.input_type == "auto"
+
+
+def test_all_options_parse(tmp_path):
+    filters = tmp_path / "filters.json"
+    filters.write_text('{"dwi": {"session": "1"}}')
+    args = parse(
+        "bids",
+        "out",
+        "participant",
+        "--participant-label",
+        "sub-01",
+        "02",
+        "--session-id",
+        "ses-1",
+        "--bids-filter-file",
+        str(filters),
+        "--input-type",
+        "qsiprep",
+        "--n-targets",
+        "30",
+        "--shells",
+        "1000",
+        "2000",
+        "--engine",
+        "sh",
+        "-w",
+        "wd",
+        "--nprocs",
+        "2",
+        "--omp-nthreads",
+        "1",
+        "--mem-gb",
+        "4",
+        "--random-seed",
+        "7",
+        "--skip-bids-validation",
+        "--stop-on-first-crash",
+        "--write-graph",
+        "--reports-only",
+        "-vv",
+    )
+    assert args.participant_label == ["sub-01", "02"]
+    assert args.shells == [1000.0, 2000.0]
+    assert args.verbose == 2 and args.nprocs == 2 and args.mem_gb == 4.0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--engine", "magic"],
+        ["--n-targets", "0"],
+        ["--n-targets", "10", "--target-bvecs", __file__],
+        ["--target-bvecs", "/nonexistent/file.bvec"],
+        ["--shells", "-5"],
+    ],
+)
+def test_parser_rejects(extra, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse("bids", "out", "participant", *extra)
+    assert exc.value.code == 2
+
+
+def test_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "qid2_bidsapp.cli.run", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == f"qid2 {__version__}"
+
+
+def test_usage_docs_are_generated_from_parser():
+    assert (REPO / "docs" / "usage.md").read_text() == usage_markdown(), (
+        "docs/usage.md is stale: python -m qid2_bidsapp.cli.docs > docs/usage.md"
+    )
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    status = main([str(a) for a in args])
+    return status, capsys.readouterr().err
+
+
+def test_default_engine_says_it_is_not_available_yet(example_bids, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = run_cli(capsys, example_bids, out, "participant", "-w", tmp_path / "w")
+    assert status == 1
+    assert "engine 'qid2'" in err and "--engine sh" in err
+    assert not out.exists()
+
+
+def test_unknown_participant(example_bids, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = run_cli(
+        capsys,
+        example_bids,
+        out,
+        "participant",
+        "--engine",
+        "sh",
+        "--participant-label",
+        "sub-99",
+        "--skip-bids-validation",
+    )
+    assert status == 1 and "sub-99" in err and not out.exists()
+
+
+def test_output_inside_input_is_refused(example_bids, tmp_path, capsys):
+    status, err = run_cli(
+        capsys, example_bids, example_bids / "out", "participant", "--engine", "sh"
+    )
+    assert status == 1 and "inside the input dataset" in err
+    assert not (example_bids / "out").exists()
+
+
+def test_foreign_output_dataset_is_refused(example_bids, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "dataset_description.json").write_text('{"Name": "x", "DatasetType": "raw"}')
+    status, err = run_cli(capsys, example_bids, other, "participant", "--engine", "sh")
+    assert status == 1 and "not a qid2 derivative" in err
+    assert sorted(p.name for p in other.iterdir()) == ["dataset_description.json"]
+
+
+def test_invalid_bids_input_is_reported_by_the_validator(example_bids, tmp_path, capsys):
+    (example_bids / "dataset_description.json").unlink()
+    (example_bids / "dataset_description.json").write_text("{}")
+    (example_bids / "sub-01" / "dwi" / "sub-01_dwi.bval").unlink()
+    out = tmp_path / "out"
+    status, err = run_cli(capsys, example_bids, out, "participant", "--engine", "sh")
+    assert status == 1 and "BIDS validation failed" in err and not out.exists()
+
+
+BVAL = "sub-01/dwi/sub-01_dwi.bval"
+BVEC = "sub-01/dwi/sub-01_dwi.bvec"
+
+
+def _corrupt(bids: Path, kind: str) -> tuple[str, str]:
+    """Damage sub-01's gradient files; return (file named in the error, words expected)."""
+    bval_path, bvec_path = bids / BVAL, bids / BVEC
+    bvals = np.loadtxt(bval_path)
+    bvecs = np.loadtxt(bvec_path)
+    if kind == "count":
+        np.savetxt(bval_path, bvals[None, :-1], fmt="%d")
+        return "sub-01_dwi.bval", "image has 17 volumes"
+    if kind == "nan":
+        bvecs[0, 3] = np.nan
+        np.savetxt(bvec_path, bvecs, fmt="%.6f")
+        return "sub-01_dwi.bvec", "nan"
+    if kind == "inf":
+        bval_text = " ".join(str(int(b)) for b in bvals).replace("1000", "inf", 1)
+        bval_path.write_text(bval_text + "\n")
+        return "sub-01_dwi.bval", "inf"
+    if kind == "non-unit":
+        bvecs[:, 3] *= 0.5
+        np.savetxt(bvec_path, bvecs, fmt="%.6f")
+        return "sub-01_dwi.bvec", "norm"
+    if kind == "no-b0":
+        bvals[bvals == 0] = 1000
+        bvecs[:, bvals == 1000] = np.where(
+            np.abs(bvecs[:, bvals == 1000]).sum(0) == 0, [[1], [0], [0]], bvecs[:, bvals == 1000]
+        )
+        np.savetxt(bval_path, bvals[None, :], fmt="%d")
+        np.savetxt(bvec_path, bvecs, fmt="%.6f")
+        return "sub-01_dwi.bval", "b=0"
+    if kind == "vector-at-b0":
+        bvecs[:, 0] = [0.0, 0.0, 1.0]
+        np.savetxt(bvec_path, bvecs, fmt="%.6f")
+        return "sub-01_dwi.bvec", "b=0"
+    if kind == "transposed":
+        np.savetxt(bvec_path, bvecs.T, fmt="%.6f")
+        return "sub-01_dwi.bvec", "transposed"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["count", "nan", "inf", "non-unit", "no-b0", "vector-at-b0", "transposed"]
+)
+def test_corrupt_gradients_give_one_line_error_and_write_nothing(
+    kind, example_bids, tmp_path, capsys
+):
+    filename, words = _corrupt(example_bids, kind)
+    out = tmp_path / "out"
+    status, err = run_cli(
+        capsys,
+        example_bids,
+        out,
+        "participant",
+        "--engine",
+        "sh",
+        "--skip-bids-validation",
+        "-w",
+        tmp_path / "work",
+    )
+    assert status == 1
+    lines = [line for line in err.splitlines() if line.startswith("qid2: error:")]
+    assert len(lines) == 1, err
+    assert filename in lines[0] and words.lower() in lines[0].lower(), lines[0]
+    assert not out.exists()
+
+
+def test_shells_that_no_run_has(example_bids, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = run_cli(
+        capsys,
+        example_bids,
+        out,
+        "participant",
+        "--engine",
+        "sh",
+        "--shells",
+        "3000",
+        "--skip-bids-validation",
+    )
+    assert status == 1 and "3000" in err and not out.exists()
+
+
+def test_group_without_participant_outputs(tmp_path, capsys):
+    status, err = run_cli(capsys, tmp_path / "bids", tmp_path / "nothing", "group")
+    assert status == 1 and "participant level" in err

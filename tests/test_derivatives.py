@@ -1,0 +1,69 @@
+"""Derivative dataset bookkeeping: names, description, all-or-nothing publication."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qid2_bidsapp.bids import collect_dwi_runs
+from qid2_bidsapp.derivatives import (
+    check_output_dir,
+    publish,
+    run_output_paths,
+    write_dataset_description,
+)
+from qid2_bidsapp.errors import InputError
+
+
+def test_names_follow_qsiprep_conventions(example_bids_ro, tmp_path):
+    run = collect_dwi_runs(example_bids_ro)[1]
+    paths = run_output_paths(run, tmp_path)
+    assert paths["dwi"].name == "sub-02_ses-1_dir-AP_space-orig_desc-preproc_dwi.nii.gz"
+    assert paths["mask"].name == "sub-02_ses-1_dir-AP_space-orig_desc-brain_mask.nii.gz"
+    assert str(paths["dwi"]).split("_desc-preproc_dwi")[0] + "_desc-brain_mask.nii.gz" == str(
+        paths["mask"]
+    )
+    assert paths["fa_upsampled"].name.endswith(
+        "_model-tensor_param-fa_desc-upsampled_dwimap.nii.gz"
+    )
+    assert paths["dwi"].parent == tmp_path / "sub-02" / "ses-1" / "dwi"
+
+
+def test_dataset_description(tmp_path, example_bids_ro):
+    path = write_dataset_description(tmp_path / "out", example_bids_ro)
+    info = json.loads(path.read_text())
+    assert info["DatasetType"] == "derivative"
+    assert {"Name", "Version", "CodeURL"} <= set(info["GeneratedBy"][0])
+    assert info["SourceDatasets"][0]["URL"] == example_bids_ro.resolve().as_uri()
+    assert (tmp_path / "out" / ".bidsignore").exists()
+    check_output_dir(example_bids_ro, tmp_path / "out")  # ours: accepted again
+    other = tmp_path / "other_input"
+    other.mkdir()
+    with pytest.raises(InputError, match="another input dataset"):
+        check_output_dir(other, tmp_path / "out")
+
+
+def test_output_dir_checks(example_bids_ro, tmp_path):
+    with pytest.raises(InputError):
+        check_output_dir(example_bids_ro, example_bids_ro)
+    with pytest.raises(InputError, match="contain"):
+        check_output_dir(example_bids_ro, example_bids_ro.parent)
+    check_output_dir(example_bids_ro, example_bids_ro / "derivatives" / "qid2")
+
+
+def test_publish_is_all_or_nothing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("A")
+    (src / "b").write_text("B")
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        publish({src / "a": out / "a", src / "missing": out / "m", src / "b": out / "b"})
+    assert not [p for p in out.rglob("*") if p.is_file()]
+    publish({src / "a": out / "x" / "a", src / "b": out / "b"})
+    assert (out / "x" / "a").read_text() == "A" and (out / "b").read_text() == "B"
+    (src / "a").write_text("A2")
+    publish({src / "a": out / "x" / "a"})
+    assert (out / "x" / "a").read_text() == "A2"
+    assert not list(out.rglob(".*.tmp"))
