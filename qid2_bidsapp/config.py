@@ -39,6 +39,7 @@ class Config:
     write_graph: bool = False
     reports_only: bool = False
     verbose: int = 0
+    command_line: list[str] | None = None
     version: str = __version__
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -24,6 +25,7 @@ from qid2_bidsapp.reports.subject import (
     QC_COLUMN_HELP,
     RasView,
     choose_slices,
+    command_line,
     format_value,
     pick_examples,
 )
@@ -55,6 +57,7 @@ RUNS = [
     ("02", None, [1000.0, 2000.0], [0.0734, 0.0912]),
 ]
 N_ACQ, N_SYN = 10, 20
+STAMP = "20250101-120000-a1b2c3"  # logs/qid2-<stamp>.log and logs/config-<stamp>.json
 
 
 # --------------------------------------------------------------------------- fake output
@@ -193,21 +196,18 @@ def fake_output(tmp_path_factory) -> Path:
         _write_run(root, sub, ses, shells, nrmse, seed=i + 1)
     logs = root / "logs"
     logs.mkdir()
-    (logs / "qid2_20250101-120000.log").write_text("qid2 started\n")
-    (logs / "qid2_20250101-120000.json").write_text(
-        json.dumps(
-            {
-                "command_line": ["qid2", "/data/raw", "/data/out", "participant", "--engine", "sh"],
-                "engine": "sh",
-            }
-        )
-    )
+    (logs / f"qid2-{STAMP}.log").write_text("qid2 started\n")
+    config = {"bids_dir": "/data/raw", "output_dir": str(root), "analysis_level": "participant"}
+    config |= {"engine": "sh", "sh_lambda": 0.006, "random_seed": 0, "version": "0.1.0"}
+    (logs / f"config-{STAMP}.json").write_text(json.dumps(config))
+    (logs / "config-20240101-000000-000000.json").write_text(json.dumps({"engine": "interp"}))
+    os.utime(logs / "config-20240101-000000-000000.json", (1e9, 1e9))  # an older invocation
     return root
 
 
 @pytest.fixture(scope="module")
 def subject_reports(fake_output: Path) -> dict[str, Path]:
-    log = fake_output / "logs" / "qid2_20250101-120000.log"
+    log = fake_output / "logs" / f"qid2-{STAMP}.log"
     return {
         "01": build_subject_report(fake_output, "01", log_path=log),
         "02": build_subject_report(fake_output, "sub-02"),
@@ -303,12 +303,21 @@ def test_subject_report_methods_and_provenance(subject_reports):
     assert "1235" in html  # RandomSeed of the first run
     assert "sub-01/ses-a/dwi/sub-01_ses-a_dwi.nii.gz" in html  # SourceFile
     assert "0.1.0" in html and "sh_lambda" in html
-    assert "qid2 /data/raw /data/out participant --engine sh" in html
-    assert 'href="logs/qid2_20250101-120000.log"' in html
+    assert f'href="logs/qid2-{STAMP}.log"' in html
+    assert f'href="logs/config-{STAMP}.json"' in html and "/data/raw" in html
     assert "may belong to another invocation" not in html
     html2 = subject_reports["02"].read_text()
-    assert "logs/qid2_20250101-120000.log" not in html2
-    assert "may belong to another invocation" in html2  # newest config, not tied to a log
+    assert f"logs/qid2-{STAMP}.log" not in html2
+    assert f'href="logs/config-{STAMP}.json"' in html2  # the newest config ...
+    assert "may belong to another invocation" in html2  # ... flagged as not tied to a log
+
+
+def test_command_line():
+    assert command_line({"command_line": ["qid2", "in dir", "out", "participant"]}) == (
+        "qid2 'in dir' out participant"
+    )
+    assert command_line({"argv": "qid2 a b group"}) == "qid2 a b group"
+    assert command_line({"engine": "sh"}) is None and command_line(None) is None
 
 
 def test_subject_report_rebuild_is_idempotent(fake_output, subject_reports):

@@ -26,6 +26,7 @@ def _config_from_args(argv: list[str] | None) -> Config:
     options["bids_filters"] = load_bids_filter_file(filter_file) if filter_file else None
     if options["nprocs"] is None:
         options.pop("nprocs")
+    options["command_line"] = ["qid2", *(sys.argv[1:] if argv is None else argv)]
     return Config(**options)
 
 

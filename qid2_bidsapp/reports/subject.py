@@ -815,10 +815,20 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
 # --------------------------------------------------------------------------- invocation
 
 
-def find_config(output_dir: Path, log_path: Path | None = None) -> tuple[Path | None, dict | None]:
-    """Find the config JSON of the qid2 invocation in ``<output_dir>/logs``.
+def _configs_for_log(log_path: Path) -> list[Path]:
+    """Config files that belong to a log: ``config-<stamp>.json`` for ``qid2-<stamp>.log``."""
+    log_path = Path(log_path)
+    stamp = log_path.stem.removeprefix("qid2-")
+    return [log_path.with_name(f"config-{stamp}.json"), log_path.with_suffix(".json")]
 
-    The config next to ``log_path`` (same name, ``.json``) is preferred, else the newest JSON.
+
+def find_config(
+    output_dir: Path, log_path: Path | None = None
+) -> tuple[Path | None, dict | None, bool]:
+    """Find the config JSON of a qid2 invocation in ``<output_dir>/logs``.
+
+    The config written with ``log_path`` (``logs/config-<stamp>.json`` next to
+    ``logs/qid2-<stamp>.log``) is preferred; else the newest ``config-*.json`` (or other JSON).
 
     Parameters
     ----------
@@ -830,24 +840,32 @@ def find_config(output_dir: Path, log_path: Path | None = None) -> tuple[Path | 
     Returns
     -------
     path : Path or None
+        The config file found.
     config : dict or None
+        Its content.
+    matches_log : bool
+        Whether it is the config of ``log_path`` (not just the newest one).
 
     """
-    candidates: list[Path] = []
-    if log_path is not None:
-        candidates.append(Path(log_path).with_suffix(".json"))
+    own = _configs_for_log(log_path) if log_path is not None else []
     logs = Path(output_dir) / "logs"
+    newest: list[Path] = []
     if logs.is_dir():
-        candidates += sorted(logs.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))[::-1]
-    for path in candidates:
-        if path.is_file():
-            try:
-                config = _read_json(path)
-            except InputError:
-                continue
-            if isinstance(config, dict):
-                return path, config
-    return None, None
+        newest = sorted(
+            logs.glob("*.json"),
+            key=lambda p: (p.name.startswith("config-"), p.stat().st_mtime, p.name),
+            reverse=True,
+        )
+    for path in own + newest:
+        if not path.is_file():
+            continue
+        try:
+            config = _read_json(path)
+        except InputError:
+            continue
+        if isinstance(config, dict):
+            return path, config, path in own
+    return None, None, False
 
 
 def command_line(config: dict | None) -> str | None:
@@ -900,8 +918,7 @@ def build_subject_report(output_dir: Path, subject: str, *, log_path: Path | Non
         )
     fig_dir = output_dir / f"sub-{label}" / "figures"
     sections = [_run_section(files, output_dir, fig_dir) for files in runs]
-    config_path, config = find_config(output_dir, log_path)
-    own_config = log_path is not None and config_path == Path(log_path).with_suffix(".json")
+    config_path, config, own_config = find_config(output_dir, log_path)
     html = render_template(
         "subject.html.j2",
         title=f"qid2 report: sub-{label}",
@@ -921,7 +938,10 @@ def build_subject_report(output_dir: Path, subject: str, *, log_path: Path | Non
             "href": _href(output_dir, config_path),
             "command": command_line(config),
             "own": own_config,
-            "text": json.dumps(config, indent=2, sort_keys=True, default=str),
+            "items": [
+                (key, value if isinstance(value, str) else json.dumps(value, default=str))
+                for key, value in config.items()
+            ],
         },
     )
     return write_text_atomic(output_dir / f"sub-{label}.html", html)
