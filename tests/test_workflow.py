@@ -137,6 +137,7 @@ def test_interp_engine_and_user_targets(example_bids_ro, tmp_path):
             "--skip-bids-validation",
             "--random-seed",
             "3",
+            "--write-graph",
         ]
     )
     assert status == 0
@@ -144,6 +145,7 @@ def test_interp_engine_and_user_targets(example_bids_ro, tmp_path):
     assert sidecar["UpsamplingEngine"] == "interp" and sidecar["RandomSeed"] == 3
     assert len(sidecar["SynthesizedVolumes"]) == 7
     assert not (out / "sub-02").exists()
+    assert (out / "logs" / "graph.dot").exists()
 
 
 def test_failed_run_leaves_no_partial_files(example_bids, tmp_path, capsys):
