@@ -8,7 +8,6 @@ Each interface is a thin wrapper: it reads files, calls a plain function of
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -55,9 +54,11 @@ def _save_like(data: np.ndarray, reference: nib.spatialimages.SpatialImage, path
 
 
 def _limit_threads(n_threads: int | None) -> None:
+    """Cap BLAS/OpenMP threads of this process (numpy is already loaded: env vars are too late)."""
     if n_threads:
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(n_threads)
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=n_threads)
 
 
 class _LoadDWIInputSpec(BaseInterfaceInputSpec):
