@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from dipy.core.gradients import gradient_table
-from dipy.reconst.dti import TensorModel
 
 #: Fraction of a shell's acquired directions hidden for the self-check.
 HIDDEN_FRACTION = 0.1
@@ -44,23 +42,81 @@ def _resolve_mask(mask: np.ndarray | None, spatial_shape: tuple[int, ...]) -> np
     return mask
 
 
+_MIN_SIGNAL = 1e-4
+_CHUNK_VOXELS = 65536
+
+
+def _design_matrix(bvals: np.ndarray, bvecs: np.ndarray) -> np.ndarray:
+    """Log-linear DTI design matrix (N, 7): Dxx, Dyy, Dzz, Dxy, Dxz, Dyz, log S0."""
+    g = np.asarray(bvecs, dtype=np.float64)
+    b = np.asarray(bvals, dtype=np.float64)[:, None]
+    gx, gy, gz = g[:, 0:1], g[:, 1:2], g[:, 2:3]
+    cols = [gx * gx, gy * gy, gz * gz, 2 * gx * gy, 2 * gx * gz, 2 * gy * gz]
+    return np.hstack([-b * c for c in cols] + [np.ones_like(b)])
+
+
+def _wls_tensor(log_signal: np.ndarray, design: np.ndarray, pinv: np.ndarray) -> np.ndarray:
+    """Batched weighted least squares (weights = squared OLS-predicted signal), (V, 7)."""
+    ols = log_signal @ pinv.T
+    predicted = ols @ design.T  # (V, N) log signal
+    # weights are defined up to a factor per voxel: scale them to max 1 against underflow
+    weights = np.exp(2.0 * (predicted - predicted.max(axis=1, keepdims=True)))
+    weighted = weights[..., None] * design  # (V, N, 7)
+    normal = design.T @ weighted  # (V, 7, 7)
+    rhs = np.einsum("vnj,vn->vj", weighted, log_signal)
+    try:
+        return np.linalg.solve(normal, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:  # a degenerate voxel: solve one by one, OLS where singular
+        params = ols.copy()
+        for v in range(len(params)):
+            try:
+                params[v] = np.linalg.solve(normal[v], rhs[v])
+            except np.linalg.LinAlgError:
+                pass
+        return params
+
+
+def _tensor_maps(params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FA, MD and principal eigenvector from (V, 7) tensor parameters."""
+    dxx, dyy, dzz, dxy, dxz, dyz = (params[:, k] for k in range(6))
+    tensor = np.stack(
+        [
+            np.stack([dxx, dxy, dxz], -1),
+            np.stack([dxy, dyy, dyz], -1),
+            np.stack([dxz, dyz, dzz], -1),
+        ],
+        axis=-2,
+    )
+    evals, evecs = np.linalg.eigh(tensor)  # ascending
+    evals = np.clip(evals, 0.0, None)  # as DIPY: negative eigenvalues are set to 0
+    md = evals.mean(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fa = np.sqrt(1.5 * ((evals - md[:, None]) ** 2).sum(-1) / (evals**2).sum(-1))
+    return np.nan_to_num(fa), md, evecs[..., :, 2]
+
+
 def _fit_dti_voxels(
     voxels: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, b0_threshold: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit WLS DTI to a (V, N) array of voxel signals; return FA (V,), MD (V,), evec1 (V, 3)."""
+    """Fit WLS DTI to a (V, N) array of voxel signals; return FA (V,), MD (V,), evec1 (V, 3).
+
+    The estimator of DIPY's ``TensorModel(fit_method="WLS")`` (OLS, then one weighted fit with
+    the squared predicted signal as weights), solved for all voxels at once through the 7x7
+    normal equations: tens of times faster than a per-voxel pseudo-inverse.
+    """
     n_vox = voxels.shape[0]
-    if n_vox == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 3), np.float32)
-    gtab = gradient_table(
-        np.asarray(bvals, dtype=np.float64),
-        bvecs=np.asarray(bvecs, dtype=np.float64),
-        b0_threshold=b0_threshold,
-    )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fit = TensorModel(gtab, fit_method="WLS").fit(voxels)
-        fa = np.nan_to_num(np.asarray(fit.fa, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        md = np.nan_to_num(np.asarray(fit.md, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        evec1 = np.nan_to_num(np.asarray(fit.evecs[..., :, 0], dtype=np.float32), nan=0.0)
+    fa = np.zeros(n_vox, np.float32)
+    md = np.zeros(n_vox, np.float32)
+    evec1 = np.zeros((n_vox, 3), np.float32)
+    bvecs = np.where((np.asarray(bvals) <= b0_threshold)[:, None], 0.0, bvecs)
+    bvals = np.where(np.asarray(bvals) <= b0_threshold, 0.0, bvals)
+    design = _design_matrix(bvals, bvecs)
+    pinv = np.linalg.pinv(design)
+    for start in range(0, n_vox, _CHUNK_VOXELS):
+        chunk = slice(start, start + _CHUNK_VOXELS)
+        log_signal = np.log(np.maximum(voxels[chunk].astype(np.float64), _MIN_SIGNAL))
+        params = _wls_tensor(log_signal, design, pinv)
+        fa[chunk], md[chunk], evec1[chunk] = _tensor_maps(params)
     return np.clip(fa, 0.0, 1.0), md, evec1
 
 
@@ -72,7 +128,7 @@ def fit_dti(
     *,
     b0_threshold: float = 50.0,
 ) -> DTIResult:
-    """Fit a single-tensor model (weighted least squares) in the mask.
+    """Fit a single-tensor model (WLS, the estimator of DIPY's TensorModel) in the mask.
 
     Parameters
     ----------
