@@ -1,0 +1,260 @@
+"""The diffusion model's hyper-parameters, serialisable to JSON (no torch needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+#: Version of the configuration layout; bump when a field changes meaning.
+CONFIG_VERSION = "1.0"
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
+_TUPLE_FIELDS = ("channels", "attention_levels")
+_MAX_NORM_GROUPS = 32
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of the QID² network, noise schedule and signal normalisation.
+
+    Parameters
+    ----------
+    n_references : int
+        R, the number of acquired directions (reference slices) given with each target.
+    channels : tuple of int
+        Feature channels per U-Net level; the image is down-sampled ``len(channels) - 1``
+        times, so H and W must be multiples of `spatial_multiple`.
+    num_res_blocks : int
+        Residual blocks per level.
+    attention_levels : tuple of bool
+        Levels with (self- and cross-) attention. Only the lowest resolution by default:
+        full-resolution attention is quadratic in the pixel count and explodes on CPU.
+    num_head_channels : int
+        Channels per attention head; must divide the channels of every attention level and of
+        the last level (the middle block always attends).
+    token_dim : int
+        Width of the direction tokens (the cross-attention dimension).
+    num_train_timesteps : int
+        Length T of the training noise schedule.
+    schedule : str
+        MONAI noise schedule name, one of `SCHEDULES`.
+    beta_start, beta_end : float
+        Range of the beta schedules (MONAI defaults); ignored by ``"cosine"``.
+    prediction_type : str
+        What the network predicts, one of `PREDICTION_TYPES`.
+    signal_clip : float
+        The model works on S/S0 clipped to ``[0, signal_clip]``, mapped to ``[-1, 1]``.
+    context_slices : int
+        Reserved for 2.5D conditioning on neighbouring slices; must be 0 in this version.
+    version : str
+        Layout version of this configuration (`CONFIG_VERSION`).
+
+    """
+
+    n_references: int = 4
+    channels: tuple[int, ...] = (32, 64, 64)
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_head_channels: int = 32
+    token_dim: int = 64
+    num_train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    prediction_type: str = "epsilon"
+    signal_clip: float = 1.5
+    context_slices: int = 0
+    version: str = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the condition tensor: R reference slices, then the SH prior."""
+        return self.n_references + 1
+
+    @property
+    def in_channels(self) -> int:
+        """U-Net input channels: the noisy target plus the condition."""
+        return 1 + self.condition_channels
+
+    @property
+    def n_tokens(self) -> int:
+        """Direction tokens per target: the target, then the R references."""
+        return self.n_references + 1
+
+    @property
+    def spatial_multiple(self) -> int:
+        """H and W must be multiples of this: ``2 ** (len(channels) - 1)``."""
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def norm_num_groups(self) -> int:
+        """Group-norm groups: the largest divisor of gcd(channels) that is at most 32."""
+        common = math.gcd(*self.channels)
+        return max(g for g in range(1, min(common, _MAX_NORM_GROUPS) + 1) if common % g == 0)
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self) -> None:
+        """Check that the values are consistent.
+
+        Raises
+        ------
+        ValueError
+            Naming the first inconsistent field.
+
+        """
+        if self.n_references < 1:
+            raise ValueError(f"n_references must be >= 1, got {self.n_references}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be positive integers, got {self.channels}")
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError(
+                f"attention_levels {self.attention_levels} must have one entry per level of "
+                f"channels {self.channels}"
+            )
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        attending = [c for c, a in zip(self.channels, self.attention_levels, strict=True) if a]
+        attending.append(self.channels[-1])  # the middle block always has attention
+        if self.num_head_channels < 1 or any(c % self.num_head_channels for c in attending):
+            raise ValueError(
+                f"num_head_channels {self.num_head_channels} must divide the channels of every "
+                f"attention level and of the last level ({sorted(set(attending))})"
+            )
+        if self.token_dim < 1:
+            raise ValueError(f"token_dim must be >= 1, got {self.token_dim}")
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(
+                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if not self.signal_clip > 0:
+            raise ValueError(f"signal_clip must be > 0, got {self.signal_clip}")
+        if self.context_slices != 0:
+            raise ValueError(
+                f"context_slices is reserved for 2.5D conditioning and must be 0 in this "
+                f"version, got {self.context_slices}"
+            )
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ModelConfig:
+        """Return a very small configuration for tests (8/16/16 channels).
+
+        Parameters
+        ----------
+        **overrides
+            Fields to change from the tiny preset.
+
+        Returns
+        -------
+        ModelConfig
+
+        """
+        values: dict[str, Any] = {
+            "channels": (8, 16, 16),
+            "token_dim": 16,
+            "num_head_channels": 8,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as a JSON-serialisable dict (tuples become lists).
+
+        Returns
+        -------
+        dict
+
+        """
+        values = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            values[name] = list(values[name])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build a configuration from `to_dict` output.
+
+        Parameters
+        ----------
+        values : dict
+            Field values; missing fields take their defaults.
+
+        Returns
+        -------
+        ModelConfig
+
+        Raises
+        ------
+        ValueError
+            For unknown fields (a typo or a configuration from another version) and for
+            inconsistent values.
+
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model configuration field(s): {', '.join(unknown)}")
+        values = dict(values)
+        for name in _TUPLE_FIELDS:
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def to_json(self, path: str | PathLike) -> Path:
+        """Write the configuration as JSON.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            Destination file (overwritten).
+
+        Returns
+        -------
+        Path
+            The written file.
+
+        """
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | PathLike) -> ModelConfig:
+        """Read a configuration written by `to_json`.
+
+        Parameters
+        ----------
+        path : str or PathLike
+            The JSON file.
+
+        Returns
+        -------
+        ModelConfig
+
+        """
+        return cls.from_dict(json.loads(Path(path).read_text()))
