@@ -61,9 +61,10 @@ def _wls_tensor(log_signal: np.ndarray, design: np.ndarray, pinv: np.ndarray) ->
     predicted = ols @ design.T  # (V, N) log signal
     # weights are defined up to a factor per voxel: scale them to max 1 against underflow
     weights = np.exp(2.0 * (predicted - predicted.max(axis=1, keepdims=True)))
-    weighted = weights[..., None] * design  # (V, N, 7)
-    normal = design.T @ weighted  # (V, 7, 7)
-    rhs = np.einsum("vnj,vn->vj", weighted, log_signal)
+    # XᵀWX and XᵀWy for every voxel as two matrix products (outer products of design rows)
+    outer = np.einsum("ni,nj->nij", design, design).reshape(len(design), -1)  # (N, 49)
+    normal = (weights @ outer).reshape(-1, 7, 7)
+    rhs = (weights * log_signal) @ design
     try:
         return np.linalg.solve(normal, rhs[..., None])[..., 0]
     except np.linalg.LinAlgError:  # a degenerate voxel: solve one by one, OLS where singular
