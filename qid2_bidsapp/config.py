@@ -31,6 +31,13 @@ class Config:
     sh_lambda: float = 0.006
     n_hidden: int | None = None
     random_seed: int = 0
+    model: Path | None = None
+    sampler_steps: int = 10
+    sampler_t_start: int | None = 200
+    temperature: float = 1.0
+    n_samples: int = 4
+    device: str = "auto"
+    batch_size: int | None = None
     work_dir: Path = Path("work")
     nprocs: int = field(default_factory=lambda: os.cpu_count() or 1)
     omp_nthreads: int | None = None
@@ -47,13 +54,35 @@ class Config:
             setattr(self, name, Path(getattr(self, name)).absolute())
         if self.target_bvecs is not None:
             self.target_bvecs = Path(self.target_bvecs).absolute()
+        if self.model is not None:
+            self.model = Path(self.model).absolute()
         if self.omp_nthreads is None:
             self.omp_nthreads = max(1, min(8, self.nprocs))
 
     @property
     def engine_options(self) -> dict:
-        """Keyword options for :func:`qid2_bidsapp.engines.base.get_engine`."""
-        return {"sh_order": self.sh_order, "sh_lambda": self.sh_lambda}
+        """Keyword options for :func:`qid2_bidsapp.engines.base.get_engine`.
+
+        For ``qid2``: the model folder (``--model``, else the default model, else None),
+        the checksum its ``SHA256SUMS`` lists for the weights (so that a changed model
+        invalidates cached results), the sampler settings, the seed, device and batch size.
+        """
+        if self.engine != "qid2":
+            return {"sh_order": self.sh_order, "sh_lambda": self.sh_lambda}
+        from .engines.qid2 import default_model_dir, listed_weights_sha256
+
+        model_dir = self.model if self.model is not None else default_model_dir()
+        return {
+            "model_dir": None if model_dir is None else str(model_dir),
+            "expected_sha256": None if model_dir is None else listed_weights_sha256(model_dir),
+            "n_steps": self.sampler_steps,
+            "t_start": self.sampler_t_start,
+            "temperature": self.temperature,
+            "n_samples": self.n_samples,
+            "seed": self.random_seed,
+            "device": self.device,
+            "batch_size": self.batch_size,
+        }
 
     def to_dict(self) -> dict:
         """JSON-serialisable settings."""

@@ -23,6 +23,8 @@ DERIVATIVE_README = """qid2 derivatives: q-space (angular) up-sampled diffusion 
 Each DWI run's *_desc-preproc_dwi holds the acquired volumes followed by synthesised ones
 (see the sidecar's SynthesizedVolumes), with DTI FA maps of the acquired-only and merged data,
 a QC table (*_desc-qc_dwiqc.tsv), and one HTML report per participant (sub-<label>.html).
+With the diffusion engine (qid2), *_model-qid2_param-std_dwimap holds the uncertainty of each
+synthesised volume (standard deviation of the model's samples).
 Logs and the configuration of every invocation are in logs/.
 """
 
@@ -40,6 +42,7 @@ BIDSIGNORE_PATTERNS = (
     "*_dwiref.nii.gz",
     "*_dwiref.json",
     "*_dwimap.nii.gz",
+    "*_dwimap.json",
     "*_dwiqc.tsv",
 )
 
@@ -58,7 +61,8 @@ def run_output_paths(run: DWIRun, output_dir: Path) -> dict[str, Path]:
     -------
     dict
         Keys: ``dwi``, ``bval``, ``bvec``, ``b``, ``dwi_json``, ``mask``, ``mask_json``,
-        ``dwiref``, ``dwiref_json``, ``fa_acquired``, ``fa_upsampled``, ``qc``.
+        ``dwiref``, ``dwiref_json``, ``fa_acquired``, ``fa_upsampled``, ``qc``, and
+        ``uncertainty``, ``uncertainty_json`` (written by the ``qid2`` engine only).
 
     """
     folder = Path(output_dir) / run.output_dir_rel
@@ -77,6 +81,8 @@ def run_output_paths(run: DWIRun, output_dir: Path) -> dict[str, Path]:
         "fa_acquired": folder / f"{base}_model-tensor_param-fa_desc-acquired_dwimap.nii.gz",
         "fa_upsampled": folder / f"{base}_model-tensor_param-fa_desc-upsampled_dwimap.nii.gz",
         "qc": folder / f"{base}_desc-qc_dwiqc.tsv",
+        "uncertainty": folder / f"{base}_model-qid2_param-std_dwimap.nii.gz",
+        "uncertainty_json": folder / f"{base}_model-qid2_param-std_dwimap.json",
     }
 
 

@@ -111,11 +111,23 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
-def test_default_engine_says_it_is_not_available_yet(example_bids, tmp_path, capsys):
+def test_default_engine_without_a_model_says_it_is_unavailable(
+    example_bids, tmp_path, capsys, monkeypatch
+):
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    monkeypatch.setenv("QID2_MODEL_DIR", str(empty))  # no model installed
     out = tmp_path / "out"
     status, err = run_cli(capsys, example_bids, out, "participant", "-w", tmp_path / "w")
     assert status == 1
-    assert "engine 'qid2'" in err and "--engine sh" in err
+    assert "engine 'qid2'" in err and "--engine sh" in err and "--model" in err
+    assert str(empty) in err
+    assert not out.exists()
+    monkeypatch.delenv("QID2_MODEL_DIR")
+    status, err = run_cli(
+        capsys, example_bids, out, "participant", "--model", empty, "-w", tmp_path / "w"
+    )
+    assert status == 1 and str(empty) in err and "--engine sh" in err
     assert not out.exists()
 
 

@@ -30,6 +30,24 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def _t_start(value: str) -> int | None:
+    if value.strip().lower() == "noise":
+        return None
+    try:
+        return _non_negative_int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a timestep (integer >= 0) or 'noise', got {value}"
+        ) from None
+
+
 def _existing_file(value: str) -> Path:
     path = Path(value)
     if not path.is_file():
@@ -164,6 +182,60 @@ def _build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="SEED",
         help="seed for target directions, the self-check and the diffusion sampler",
+    )
+
+    model = parser.add_argument_group("Diffusion engine (--engine qid2)")
+    model.add_argument(
+        "--model",
+        type=_existing_dir,
+        metavar="DIR",
+        help="model folder (weights, config, card, checksums; written by qid2-train); default: "
+        "the model shipped with qid2 (models/qid2-default), or $QID2_MODEL_DIR when set",
+    )
+    model.add_argument(
+        "--sampler-steps",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="DDIM steps per sample (network evaluations)",
+    )
+    model.add_argument(
+        "--sampler-t-start",
+        type=_t_start,
+        default=200,
+        metavar="T",
+        help="first timestep of the truncated chain, which starts from the SH prediction "
+        "noised to T (smaller: closer to the SH prior); 'noise' runs the full chain from pure "
+        "noise",
+    )
+    model.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=1.0,
+        metavar="τ",
+        help="scale of the sampler's noise (0: deterministic, all samples equal)",
+    )
+    model.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=4,
+        metavar="K",
+        help="samples per synthesised slice: their mean is the output, their standard "
+        "deviation the uncertainty map",
+    )
+    model.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the network runs; auto: a CUDA GPU when there is one (mixed precision), "
+        "else the CPU",
+    )
+    model.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="(slice, direction) pairs per network batch (default: from the free memory; "
+        "halved automatically when memory runs out)",
     )
 
     perf = parser.add_argument_group("Performance and execution")

@@ -20,7 +20,13 @@ def _config_from_args(argv: list[str] | None) -> Config:
     from ..bids import load_bids_filter_file
     from .parser import _build_parser
 
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.sampler_t_start is not None and args.sampler_steps > args.sampler_t_start + 1:
+        parser.error(
+            f"--sampler-steps ({args.sampler_steps}) must not exceed --sampler-t-start + 1 "
+            f"({args.sampler_t_start + 1})"
+        )
     options = vars(args)
     filter_file = options.pop("bids_filter_file")
     options["bids_filters"] = load_bids_filter_file(filter_file) if filter_file else None
@@ -161,6 +167,7 @@ def run_participant(config: Config) -> int:
     from nipype import config as nipype_config
 
     from ..derivatives import write_dataset_description
+    from ..engines.qid2 import qid2_uses_cuda
     from ..reports.subject import build_subject_report
     from ..workflows.base import init_qid2_wf
 
@@ -200,6 +207,9 @@ def run_participant(config: Config) -> int:
     if config.write_graph:
         _write_graph(workflow, logs)
     plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False}
+    if config.engine == "qid2" and qid2_uses_cuda(config.device):
+        # the qid2 nodes declare use_gpu: one at a time on the GPU (they all use cuda:0)
+        plugin_args["n_gpu_procs"] = 1
     if config.mem_gb:
         plugin_args["memory_gb"] = config.mem_gb
     bar, plugin_args["status_callback"], failed = _progress_callback(len(workflow._get_all_nodes()))

@@ -68,7 +68,10 @@ def get_engine(name: str, **options) -> Upsampler:
     name : {"qid2", "sh", "interp"}
         Engine name as given on the command line.
     **options
-        Engine-specific settings (e.g. ``sh_order``, ``sh_lambda``, ``n_neighbours``).
+        Engine-specific settings (e.g. ``sh_order``, ``sh_lambda``, ``n_neighbours``; for
+        ``qid2`` ``model_dir`` and the sampler settings of
+        :func:`~qid2_bidsapp.engines.qid2.build_qid2_engine`). Each engine ignores the
+        others' settings.
 
     Returns
     -------
@@ -77,7 +80,9 @@ def get_engine(name: str, **options) -> Upsampler:
     Raises
     ------
     EngineUnavailableError
-        For ``qid2`` until the diffusion engine ships, and for unknown names.
+        For ``qid2`` without a model (or without torch), and for unknown names.
+    InputError
+        For ``qid2`` with a corrupted model folder.
 
     """
     if name == "sh":
@@ -89,11 +94,70 @@ def get_engine(name: str, **options) -> Upsampler:
 
         return InterpUpsampler(n_neighbours=options.get("n_neighbours", 3))
     if name == "qid2":
-        raise EngineUnavailableError(
-            "engine 'qid2' (the diffusion up-sampler) is not available in this version of qid2 "
-            "yet: no pretrained model ships with it; use --engine sh (spherical harmonics) or "
-            "--engine interp"
-        )
+        from .qid2 import build_qid2_engine
+
+        return build_qid2_engine(**options)
     raise EngineUnavailableError(
         f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}"
     )
+
+
+class UncertaintyRecorder:
+    """Wrap an engine so that ``predict`` also keeps the engine's uncertainty maps.
+
+    For engines with ``predict_with_uncertainty`` (``qid2``), every ``predict`` call stores the
+    standard deviation it returned, in call order; other engines record nothing. Lets code
+    written for `Upsampler.predict` (``upsampling.upsample_shells``) collect the uncertainty.
+
+    Parameters
+    ----------
+    engine : Upsampler
+        The engine to wrap.
+
+    Attributes
+    ----------
+    maps : list of ndarray
+        One (X, Y, Z, M) array per ``predict`` call.
+
+    """
+
+    def __init__(self, engine: Upsampler):
+        self.engine = engine
+        self.name = engine.name
+        self.maps: list[np.ndarray] = []
+
+    @property
+    def provides_uncertainty(self) -> bool:
+        """Whether the wrapped engine has ``predict_with_uncertainty``."""
+        return callable(getattr(self.engine, "predict_with_uncertainty", None))
+
+    def predict(self, signal, b0, bvecs_in, bvecs_out, bval, mask=None) -> np.ndarray:
+        """Call the engine (see `Upsampler.predict`), keeping its uncertainty if it has one."""
+        if not self.provides_uncertainty:
+            return self.engine.predict(signal, b0, bvecs_in, bvecs_out, bval, mask)
+        mean, std = self.engine.predict_with_uncertainty(
+            signal, b0, bvecs_in, bvecs_out, bval, mask
+        )
+        self.maps.append(np.asarray(std, dtype=np.float32))
+        return mean
+
+    def settings(self) -> dict:
+        """Return the wrapped engine's settings."""
+        return self.engine.settings()
+
+    def uncertainty(self, spatial_shape: tuple[int, ...]) -> np.ndarray:
+        """All recorded maps along the last axis (the order of the synthesised volumes).
+
+        Parameters
+        ----------
+        spatial_shape : tuple of int
+            (X, Y, Z), for the empty result when nothing was recorded.
+
+        Returns
+        -------
+        ndarray, shape (X, Y, Z, M), float32
+
+        """
+        if not self.maps:
+            return np.zeros((*spatial_shape, 0), dtype=np.float32)
+        return np.concatenate(self.maps, axis=-1)

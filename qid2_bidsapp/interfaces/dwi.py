@@ -164,11 +164,26 @@ class _EngineInputSpec(BaseInterfaceInputSpec):
     engine = traits.Str(mandatory=True, desc="engine name (sh, interp, qid2)")
     engine_options = traits.Dict(desc="engine settings")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="threads for numerics")
+    # Nipype's MultiProc schedules nodes whose interface has use_gpu=True on GPU slots
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True, desc="the engine runs on a GPU")
+
+
+def _build_engine(inputs, affine: np.ndarray):
+    """Build the engine; qid2 also takes the threads and the affine (its direction frame)."""
+    from ..engines.base import get_engine
+
+    options = dict(_optional(inputs.engine_options) or {})
+    options.setdefault("num_threads", inputs.num_threads)
+    options.setdefault("affine", np.asarray(affine).tolist())
+    return get_engine(inputs.engine, **options)
 
 
 class _UpsampleOutputSpec(TraitedSpec):
     synth_file = File(exists=True, desc="synthesised volumes (4D NIfTI)")
     synth_info = File(exists=True, desc="JSON: bvals, bvecs, runtimes, engine settings")
+    uncertainty_file = File(
+        exists=True, desc="std of the samples per synthesised volume (engines that provide it)"
+    )
 
 
 class Upsample(SimpleInterface):
@@ -178,27 +193,37 @@ class Upsample(SimpleInterface):
     output_spec = _UpsampleOutputSpec
 
     def _run_interface(self, runtime):
-        from ..engines.base import get_engine
+        from ..engines.base import UncertaintyRecorder
 
         _limit_threads(self.inputs.num_threads)
         img = nib.load(self.inputs.dwi_file)
         data = np.asarray(img.dataobj, dtype=np.float32)
         table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        engine = get_engine(self.inputs.engine, **(_optional(self.inputs.engine_options) or {}))
+        engine = UncertaintyRecorder(_build_engine(self.inputs, img.affine))
         plans = _load_plans(self.inputs.plan_file)
-        # classical engines are cheap: predict every voxel so the merged DWI has no holes
+        # classical engines are cheap: predict every voxel so the merged DWI has no holes;
+        # qid2 runs the network in the mask and fills the rest with its SH prior
         engine_mask = None if self.inputs.engine in ("sh", "interp") else mask
         synth, bvals, bvecs, runtimes = upsample_shells(data, table, plans, engine, engine_mask)
         cwd = Path(runtime.cwd)
         self._results["synth_file"] = _save_like(synth, img, str(cwd / "synth.nii.gz"))
+        settings = engine.settings()
         info = {
             "bvals": bvals.tolist(),
             "bvecs": bvecs.tolist(),
             "runtime_s": {str(k): v for k, v in runtimes.items()},
             "engine": engine.name,
-            "engine_settings": engine.settings(),
+            "engine_settings": settings,
+            "model_id": settings.get("model_id"),
+            "model_sha256": settings.get("model_sha256"),
+            "sampler": settings.get("sampler"),
+            "uncertainty": engine.provides_uncertainty,
         }
+        if engine.provides_uncertainty:
+            std = engine.uncertainty(data.shape[:3])
+            path = str(cwd / "uncertainty.nii.gz")
+            self._results["uncertainty_file"] = _save_like(std, img, path)
         (cwd / "synth.json").write_text(json.dumps(info, indent=1))
         self._results["synth_info"] = str(cwd / "synth.json")
         return runtime
@@ -297,15 +322,15 @@ class HiddenDirectionQC(SimpleInterface):
     output_spec = _HiddenQCOutputSpec
 
     def _run_interface(self, runtime):
-        from ..engines.base import get_engine
         from ..qc import hidden_direction_check
 
         _limit_threads(self.inputs.num_threads)
-        data = np.asarray(nib.load(self.inputs.dwi_file).dataobj, dtype=np.float32)
+        img = nib.load(self.inputs.dwi_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
         table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         fa_reference = np.asarray(nib.load(self.inputs.fa_reference).dataobj, dtype=np.float32)
-        engine = get_engine(self.inputs.engine, **(_optional(self.inputs.engine_options) or {}))
+        engine = _build_engine(self.inputs, img.affine)
         results = {}
         for plan in _load_plans(self.inputs.plan_file):
             results[str(plan.bval)] = hidden_direction_check(

@@ -187,6 +187,7 @@ class _SidecarsOutputSpec(TraitedSpec):
     dwi_json = File(exists=True, desc="merged DWI sidecar")
     mask_json = File(exists=True, desc="mask sidecar")
     dwiref_json = File(exists=True, desc="b=0 reference sidecar")
+    uncertainty_json = File(exists=True, desc="uncertainty map sidecar (qid2 engine only)")
 
 
 def dwi_sidecar(
@@ -242,6 +243,40 @@ def dwi_sidecar(
     }
 
 
+def uncertainty_sidecar(dwi_info: dict) -> dict:
+    """Build the uncertainty map's JSON sidecar from the merged DWI's (see docs/outputs.md).
+
+    Parameters
+    ----------
+    dwi_info : dict
+        Output of :func:`dwi_sidecar` for the same run.
+
+    Returns
+    -------
+    dict
+
+    """
+    sampler = dwi_info.get("SamplerSettings") or {}
+    k = sampler.get("n_samples")
+    return {
+        "Description": (
+            "Uncertainty of the synthesised DWI volumes: per-voxel standard deviation of the "
+            f"{k if k else 'K'} samples of the diffusion model, in the units of the DWI signal; "
+            "0 outside the brain mask (where the synthesised signal is the SH prediction). "
+            "Volume i belongs to volume VolumeIndices[i] of the merged DWI."
+        ),
+        "Model": "qid2",
+        "Parameter": "std",
+        "VolumeIndices": dwi_info["SynthesizedVolumes"],
+        "SpatialReference": dwi_info["SpatialReference"],
+        "Sources": dwi_info["Sources"],
+        "ModelID": dwi_info.get("ModelID"),
+        "ModelSHA256": dwi_info.get("ModelSHA256"),
+        "SamplerSettings": dwi_info.get("SamplerSettings"),
+        "RandomSeed": dwi_info.get("RandomSeed"),
+    }
+
+
 class Sidecars(SimpleInterface):
     """Write the JSON sidecars of the merged DWI, the mask and the b=0 reference."""
 
@@ -277,6 +312,8 @@ class Sidecars(SimpleInterface):
                 "Description": "Mean of the b=0 volumes.",
             },
         }
+        if info.get("uncertainty"):
+            outputs["uncertainty_json"] = uncertainty_sidecar(sidecar)
         for key, content in outputs.items():
             path = Path(runtime.cwd) / f"{key}.json"
             path.write_text(json.dumps(content, indent=2) + "\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -33,6 +36,36 @@ PUBLISHED = (
     "fa_upsampled",
     "qc",
 )
+# published in addition by engines with an uncertainty map (qid2)
+PUBLISHED_UNCERTAINTY = ("uncertainty", "uncertainty_json")
+
+_SLICE_AXES = {"i": 0, "j": 1, "k": 2}
+
+
+def slice_axis_of(dwi: Path) -> int:
+    """Voxel axis of a DWI's slices, from ``SliceEncodingDirection`` in its JSON sidecar.
+
+    Parameters
+    ----------
+    dwi : Path
+        The DWI NIfTI; its sidecar is the ``.json`` beside it (not inherited ones).
+
+    Returns
+    -------
+    int
+        0, 1 or 2; 2 (the NIfTI's third axis) when the sidecar or the key is absent.
+
+    """
+    name = Path(dwi).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    try:
+        meta = json.loads((Path(dwi).parent / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return 2
+    value = str(meta.get("SliceEncodingDirection", "k")).strip().rstrip("-")
+    return _SLICE_AXES.get(value, 2)
 
 
 def _estimate_mem_gb(run: DWIRun, factor: float) -> float:
@@ -89,6 +122,13 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
     )
     threads = config.omp_nthreads
     engine_options = config.engine_options
+    qid2 = config.engine == "qid2"
+    use_gpu = False
+    if qid2:
+        from ..engines.qid2 import qid2_uses_cuda
+
+        engine_options["slice_axis"] = slice_axis_of(run.dwi)
+        use_gpu = qid2_uses_cuda(config.device)
     load = pe.Node(LoadDWI(), name="load_dwi", mem_gb=_estimate_mem_gb(run, 2))
     plan = pe.Node(PlanTargets(seed=config.random_seed), name="plan_targets")
     if config.shells:
@@ -98,7 +138,12 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
     if config.target_bvecs:
         plan.inputs.target_bvecs = str(config.target_bvecs)
     upsample = pe.Node(
-        Upsample(engine=config.engine, engine_options=engine_options, num_threads=threads),
+        Upsample(
+            engine=config.engine,
+            engine_options=engine_options,
+            num_threads=threads,
+            use_gpu=use_gpu,
+        ),
         name="upsample",
         n_procs=threads,
         mem_gb=_estimate_mem_gb(run, 6),
@@ -112,6 +157,7 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
             engine_options=engine_options,
             num_threads=threads,
             seed=config.random_seed,
+            use_gpu=use_gpu,
         ),
         name="hidden_qc",
         n_procs=threads,
@@ -133,10 +179,11 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
         ),
         name="sidecars",
     )
-    gather = pe.Node(niu.Merge(len(PUBLISHED)), name="gather_outputs", run_without_submitting=True)
+    published = PUBLISHED + (PUBLISHED_UNCERTAINTY if qid2 else ())
+    gather = pe.Node(niu.Merge(len(published)), name="gather_outputs", run_without_submitting=True)
     destinations = run_output_paths(run, config.output_dir)
     publish = pe.Node(
-        PublishRun(out_paths=[str(destinations[key]) for key in PUBLISHED]),
+        PublishRun(out_paths=[str(destinations[key]) for key in published]),
         name="publish",
         overwrite=True,  # always re-copy: the user may have deleted outputs
     )
@@ -174,16 +221,6 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
         (load, sidecars, [("bval_file", "bval_file")]),
         (plan, sidecars, [("plan_file", "plan_file")]),
         (upsample, sidecars, [("synth_info", "synth_info")]),
-        (merge, gather, [("out_file", "in1"), ("bval_file", "in2"), ("bvec_file", "in3"),
-                         ("b_file", "in4")]),
-        (sidecars, gather, [("dwi_json", "in5")]),
-        (load, gather, [("mask_file", "in6")]),
-        (sidecars, gather, [("mask_json", "in7")]),
-        (load, gather, [("dwiref_file", "in8")]),
-        (sidecars, gather, [("dwiref_json", "in9")]),
-        (fit_acquired, gather, [("fa_file", "in10")]),
-        (fit_upsampled, gather, [("fa_file", "in11")]),
-        (qc, gather, [("out_file", "in12")]),
         (gather, publish, [("out", "in_files")]),
         (merge, outputnode, [("out_file", "dwi_file")]),
         (fit_acquired, outputnode, [("fa_file", "fa_acquired")]),
@@ -192,4 +229,23 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
         (publish, outputnode, [("out_files", "published")]),
     ])
     # fmt: on
+    sources = {
+        "dwi": (merge, "out_file"),
+        "bval": (merge, "bval_file"),
+        "bvec": (merge, "bvec_file"),
+        "b": (merge, "b_file"),
+        "dwi_json": (sidecars, "dwi_json"),
+        "mask": (load, "mask_file"),
+        "mask_json": (sidecars, "mask_json"),
+        "dwiref": (load, "dwiref_file"),
+        "dwiref_json": (sidecars, "dwiref_json"),
+        "fa_acquired": (fit_acquired, "fa_file"),
+        "fa_upsampled": (fit_upsampled, "fa_file"),
+        "qc": (qc, "out_file"),
+        "uncertainty": (upsample, "uncertainty_file"),
+        "uncertainty_json": (sidecars, "uncertainty_json"),
+    }
+    for index, key in enumerate(published, start=1):
+        node, field = sources[key]
+        workflow.connect(node, field, gather, f"in{index}")
     return workflow
