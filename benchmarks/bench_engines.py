@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+# measure the code of this checkout, not whatever an editable install points at
+sys.path.insert(0, str(REPO))
 DEFAULT_BIDS_ARG = "../shared/data/bids-real"
 DEFAULT_REPEATS = 3
 HCP_SHAPE = (145, 174, 145)
@@ -182,6 +184,22 @@ def machine_line() -> str:
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}, "
         f"numpy {np.__version__} ({blas_name()}, {thread_settings()}), dipy {dipy.__version__}"
     )
+
+
+def code_location() -> str:
+    """Where ``qid2_bidsapp`` was imported from, and the checkout's commit."""
+    import subprocess
+
+    import qid2_bidsapp
+
+    where = Path(qid2_bidsapp.__file__).resolve().parent
+    commit = subprocess.run(
+        ["git", "-C", str(where), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"`{where}` (commit {commit or 'unknown'})"
 
 
 def load_average() -> str:
@@ -551,6 +569,7 @@ def header(command: str) -> str:
         "Speed and memory of the up-sampling engines and the QC steps.\n\n"
         f"- Command: `{command}`\n"
         f"- Date: {date}\n"
+        f"- Code: `qid2_bidsapp` from {code_location()}\n"
         f"- Machine: {machine_line()}\n"
         f"- Load average (1/5/15 min) at start: {load_average()}\n\n" + METHOD
     )
