@@ -45,6 +45,17 @@ def _read_table(bval_file: str, bvec_file: str) -> GradientTable:
     return GradientTable(bvals=bvals, bvecs=bvecs)
 
 
+def _read_mask(path: str) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj) > 0
+
+
+def _load_dwi(inputs) -> tuple[nib.Nifti1Image, np.ndarray, GradientTable]:
+    """Load the run's image, its float32 data and its gradient table from a node's inputs."""
+    img = nib.load(inputs.dwi_file)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return img, data, _read_table(inputs.bval_file, inputs.bvec_file)
+
+
 def _save_like(data: np.ndarray, reference: nib.spatialimages.SpatialImage, path: str) -> str:
     img = nib.Nifti1Image(data, reference.affine, reference.header)
     img.header.set_data_dtype(data.dtype)
@@ -99,7 +110,7 @@ class LoadDWI(SimpleInterface):
         b0 = mean_b0(data, table)
         self._results["dwiref_file"] = _save_like(b0, img, str(cwd / "dwiref.nii.gz"))
         if isdefined(self.inputs.mask_file):
-            mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+            mask = _read_mask(self.inputs.mask_file)
             if mask.shape != b0.shape:
                 from ..errors import InputError
 
@@ -196,10 +207,8 @@ class Upsample(SimpleInterface):
         from ..engines.base import UncertaintyRecorder
 
         _limit_threads(self.inputs.num_threads)
-        img = nib.load(self.inputs.dwi_file)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        img, data, table = _load_dwi(self.inputs)
+        mask = _read_mask(self.inputs.mask_file)
         engine = UncertaintyRecorder(_build_engine(self.inputs, img.affine))
         plans = _load_plans(self.inputs.plan_file)
         # classical engines are cheap: predict every voxel so the merged DWI has no holes;
@@ -251,9 +260,7 @@ class MergeDWI(SimpleInterface):
     output_spec = _MergeOutputSpec
 
     def _run_interface(self, runtime):
-        img = nib.load(self.inputs.dwi_file)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
+        img, data, table = _load_dwi(self.inputs)
         synth = np.asarray(nib.load(self.inputs.synth_file).dataobj, dtype=np.float32)
         info = json.loads(Path(self.inputs.synth_info).read_text())
         merged, bvals, bvecs = merge_volumes(
@@ -296,10 +303,8 @@ class FitTensor(SimpleInterface):
         from ..qc import fit_dti
 
         _limit_threads(self.inputs.num_threads)
-        img = nib.load(self.inputs.dwi_file)
-        table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        result = fit_dti(np.asarray(img.dataobj, dtype=np.float32), table.bvals, table.bvecs, mask)
+        img, data, table = _load_dwi(self.inputs)
+        result = fit_dti(data, table.bvals, table.bvecs, _read_mask(self.inputs.mask_file))
         path = str(Path(runtime.cwd) / "fa.nii.gz")
         self._results["fa_file"] = _save_like(result.fa.astype(np.float32), img, path)
         return runtime
@@ -325,10 +330,8 @@ class HiddenDirectionQC(SimpleInterface):
         from ..qc import hidden_direction_check
 
         _limit_threads(self.inputs.num_threads)
-        img = nib.load(self.inputs.dwi_file)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
-        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        img, data, table = _load_dwi(self.inputs)
+        mask = _read_mask(self.inputs.mask_file)
         fa_reference = np.asarray(nib.load(self.inputs.fa_reference).dataobj, dtype=np.float32)
         engine = _build_engine(self.inputs, img.affine)
         results = {}
