@@ -57,3 +57,25 @@ def read_tsv(path: Path) -> list[dict]:
 
 def copy_tree(src: Path, dst: Path) -> Path:
     return Path(shutil.copytree(src, dst))
+
+
+def randomise_weights(network, seed: int = 0):
+    """Give every parameter a seeded value that does not depend on MONAI's initialisation.
+
+    MONAI zero-initialises the output convolution and the residual/attention output projections,
+    so an untrained network predicts exactly 0; tests need a network whose output depends on
+    its inputs. Matrices get N(0, 1/fan_in), norm scales 1 + N(0, 0.1²), biases N(0, 0.1²).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim > 1:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+    return network

@@ -41,6 +41,8 @@ from qid2_bidsapp.model.inference import (  # noqa: E402
 from qid2_bidsapp.model.network import Qid2Network  # noqa: E402
 from qid2_bidsapp.model.sampler import Qid2Sampler  # noqa: E402
 
+from .helpers import randomise_weights as _randomise  # noqa: E402
+
 SHAPE = (20, 18, 4)
 BVAL = 1000.0
 FAST = {"n_steps": 2, "n_samples": 3, "device": "cpu"}
@@ -53,21 +55,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _randomise(network: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Seeded weights (MONAI zero-initialises output layers: an untrained net predicts 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim > 1:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return network
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ from qid2_bidsapp.model.sampler import (  # noqa: E402
     make_scheduler,
 )
 
+from .helpers import randomise_weights as _randomise  # noqa: E402
+
 H = W = 16
 
 
@@ -54,26 +56,6 @@ def _one_thread():
 def _unit(v):
     v = np.asarray(v, dtype=float)
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def _randomise(network: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter a seeded value that does not depend on MONAI's initialisation.
-
-    MONAI zero-initialises the output convolution and the residual/attention output projections,
-    so an untrained network predicts exactly 0; tests need a network whose output depends on
-    its inputs. Matrices get N(0, 1/fan_in), norm scales 1 + N(0, 0.1²), biases N(0, 0.1²).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim > 1:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-    return network
 
 
 def _tiny_network(seed: int = 0) -> tuple[Qid2Network, ModelConfig]:
