@@ -32,10 +32,10 @@ class Config:
     n_hidden: int | None = None
     random_seed: int = 0
     model: Path | None = None
-    sampler_steps: int = 10
+    sampler_steps: int | None = None
     sampler_t_start: int | None = 200
     temperature: float = 1.0
-    n_samples: int = 4
+    n_samples: int | None = None
     device: str = "auto"
     batch_size: int | None = None
     work_dir: Path = Path("work")

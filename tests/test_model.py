@@ -211,6 +211,48 @@ def test_fresh_network_predicts_zero():
     assert torch.count_nonzero(out) == 0  # MONAI zero-initialises the output convolution
 
 
+def test_untrained_prior_residual_model_samples_the_prior_at_any_temperature():
+    """A fresh prior-residual network predicts x0 = prior, so every sample is the prior."""
+    cfg = ModelConfig.tiny(prediction_type="sample", prior_residual=True)
+    net = Qid2Network(cfg)
+    condition, tokens = _inputs(cfg)
+    mean, std = Qid2Sampler(cfg).sample(
+        net,
+        condition,
+        tokens,
+        n_steps=3,
+        t_start=200,
+        temperature=1.0,
+        n_samples=3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(mean, condition[:, -1:], rtol=0, atol=1e-6)
+    assert float(std.max()) < 1e-6
+    # once trained (here: randomised), the output moves away from the prior
+    _randomise(net, 3)
+    moved, _ = Qid2Sampler(cfg).sample(
+        net, condition, tokens, n_steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    assert float((moved - condition[:, -1:]).abs().max()) > 1e-3
+
+
+def test_prior_residual_and_sampler_defaults_are_validated():
+    with pytest.raises(ValueError, match="prior_residual needs prediction_type 'sample'"):
+        ModelConfig.tiny(prior_residual=True)
+    with pytest.raises(ValueError, match="sampler_defaults"):
+        ModelConfig.tiny(sampler_defaults={"cpu": {"n_steps": 2}})
+    with pytest.raises(ValueError, match="positive integers"):
+        ModelConfig.tiny(
+            sampler_defaults={
+                "cpu": {"n_steps": 0, "n_samples": 1},
+                "cuda": {"n_steps": 1, "n_samples": 1},
+            }
+        )
+    small = ModelConfig.small()
+    assert small.prior_residual and small.prediction_type == "sample"
+    assert ModelConfig.from_dict(small.to_dict()) == small
+
+
 def test_prediction_depends_on_tokens():
     net, cfg = _tiny_network()
     condition, tokens = _inputs(cfg, batch=1)

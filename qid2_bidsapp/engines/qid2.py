@@ -274,15 +274,17 @@ class Qid2Upsampler:
     ----------
     model_dir : str or PathLike
         A model folder (`qid2_bidsapp.model.checkpoint.save_model`).
-    n_steps : int
-        DDIM steps per sample.
+    n_steps : int, optional
+        DDIM steps per sample; default: the model's ``sampler_defaults`` for the device kind
+        (CPU or CUDA) this engine will run on.
     t_start : int or None
         First timestep of the truncated chain (started from the SH prior noised to it); None
         runs the full chain from pure noise.
     temperature : float
         Noise scale (0: deterministic).
-    n_samples : int
-        K, samples per (slice, target): mean = prediction, std = uncertainty.
+    n_samples : int, optional
+        K, samples per (slice, target): mean = prediction, std = uncertainty; default as
+        `n_steps`.
     seed : int
         Seed; every (shell, slice, target) draws its own noise from it.
     device : {"auto", "cpu", "cuda"}
@@ -320,10 +322,10 @@ class Qid2Upsampler:
         self,
         model_dir: str | os.PathLike,
         *,
-        n_steps: int = 10,
+        n_steps: int | None = None,
         t_start: int | None = 200,
         temperature: float = 1.0,
-        n_samples: int = 4,
+        n_samples: int | None = None,
         seed: int = 0,
         device: str = "auto",
         batch_size: int | None = None,
@@ -349,15 +351,17 @@ class Qid2Upsampler:
             affine = np.asarray(affine, dtype=np.float64)
             if affine.shape != (4, 4) or not np.isfinite(affine).all():
                 raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
-        self.sampler_settings = SamplerSettings(
-            n_steps=int(n_steps),
-            t_start=None if t_start is None else int(t_start),
-            temperature=float(temperature),
-            n_samples=int(n_samples),
-            eta=float(eta),
-        )
         with _torch_threads(1):
             self.network, self.config, self.info = load_model(model_dir, device="cpu")
+        kind = "cuda" if str(device) != "cpu" and qid2_uses_cuda(str(device)) else "cpu"
+        defaults = self.config.sampler_defaults[kind]
+        self.sampler_settings = SamplerSettings(
+            n_steps=int(defaults["n_steps"] if n_steps is None else n_steps),
+            t_start=None if t_start is None else int(t_start),
+            temperature=float(temperature),
+            n_samples=int(defaults["n_samples"] if n_samples is None else n_samples),
+            eta=float(eta),
+        )
         self.sampler_settings.check_against(self.config)
         self.sampler = Qid2Sampler(self.config)
         self.seed = int(seed)

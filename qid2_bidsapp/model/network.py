@@ -13,7 +13,8 @@ of ``ModelConfig.spatial_multiple`` (``2 ** (levels - 1)``); use `pad_to_multipl
 `crop_pad` around the network.
 
 Note that MONAI zero-initialises the output convolution (and the residual/attention output
-projections), so an untrained network predicts exactly 0.
+projections), so an untrained network predicts exactly 0 — or exactly the SH prior with
+``ModelConfig.prior_residual``.
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ class Qid2Network(nn.Module):
         """
         self._check_shapes(x_noisy, condition, timesteps, tokens)
         context = self.token_embed(tokens.to(x_noisy.dtype))
-        return self.unet(torch.cat([x_noisy, condition], dim=1), timesteps, context=context)
+        out = self.unet(torch.cat([x_noisy, condition], dim=1), timesteps, context=context)
+        if self.config.prior_residual:
+            out = condition[:, -1:].to(out.dtype) + out
+        return out
 
     def _check_shapes(
         self,

@@ -59,7 +59,7 @@ LOG_NAME = "train_log.jsonl"
 CONFIG_COPY_NAME = "train_config.json"
 
 #: Model presets (``model.preset`` in the configuration).
-PRESETS = {"tiny": ModelConfig.tiny, "default": ModelConfig}
+PRESETS = {"tiny": ModelConfig.tiny, "small": ModelConfig.small, "default": ModelConfig}
 
 #: Fields that may change between a run and its resumption.
 RESUMABLE_CHANGES = frozenset(
@@ -136,6 +136,10 @@ class TrainConfig:
         Every this many validations, also sample with the truncated DDIM sampler.
     n_val_examples, n_sample_examples : int
         Validation examples (loss), and how many of them are sampled.
+    max_timestep : int or None
+        Train on diffusion timesteps ``0..max_timestep`` only (None: the whole schedule). A
+        model sampled with a truncated start at ``t_start`` never sees later timesteps, so
+        ``max_timestep >= t_start`` spends all training on the steps it will run.
     sample_steps, sample_t_start : int
         Sampler steps and truncation.
     sample_temperature : float
@@ -178,6 +182,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     n_val_examples: int = 32
     n_sample_examples: int = 8
+    max_timestep: int | None = None
     sample_steps: int = 5
     sample_t_start: int = 200
     sample_temperature: float = 1.0
@@ -216,6 +221,9 @@ class TrainConfig:
             raise Qid2Error(
                 f"config: need 1 <= min_keep <= max_keep: {self.min_keep}, {self.max_keep}"
             )
+        n_t = self.model_config().num_train_timesteps
+        if self.max_timestep is not None and not 0 <= self.max_timestep < n_t:
+            raise Qid2Error(f"config: max_timestep must be between 0 and {n_t - 1}")
         if not 0 <= self.n_sample_examples <= self.n_val_examples:
             raise Qid2Error("config: n_sample_examples must be between 0 and n_val_examples")
         self.augmentation_settings()  # raises for unknown fields
@@ -375,7 +383,8 @@ def build_source(spec: dict) -> tuple[Any, float]:
     Parameters
     ----------
     spec : dict
-        ``{"kind": "phantom" | "bids", "weight": float, ...constructor arguments}``.
+        ``{"kind": "phantom" | "bids" | "simulated", "weight": float, ...constructor
+        arguments}`` (``simulated``: `qid2_bidsapp.sim.SimulatedSource`).
 
     Returns
     -------
@@ -388,15 +397,17 @@ def build_source(spec: dict) -> tuple[Any, float]:
         For an unknown kind or argument.
 
     """
+    from ..sim.source import SimulatedSource
+
     spec = dict(spec)
     kind = spec.pop("kind")
     weight = float(spec.pop("weight", 1.0))
-    kinds = {"phantom": PhantomSource, "bids": BidsSource}
+    kinds = {"phantom": PhantomSource, "bids": BidsSource, "simulated": SimulatedSource}
     if kind not in kinds:
         raise Qid2Error(f"config: unknown source kind {kind!r} (use {' or '.join(kinds)})")
     try:
         return kinds[kind](**spec), weight
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise Qid2Error(f"config: bad {kind} source {spec}: {err}") from err
 
 
@@ -607,7 +618,7 @@ class Trainer:
             labels.append(self.val_labels[source])
         batch = stack_examples(examples)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
-        n_t = self.model_config.num_train_timesteps
+        n_t = self._n_timesteps
         return {
             "examples": examples,
             "labels": labels,
@@ -615,6 +626,13 @@ class Trainer:
             "noise": torch.randn(batch["target"].shape, generator=gen),
             "timesteps": torch.linspace(0, n_t - 1, len(examples)).round().long(),
         }
+
+    @property
+    def _n_timesteps(self) -> int:
+        """Number of training timesteps drawn from (``0..n - 1``)."""
+        if self.config.max_timestep is None:
+            return self.model_config.num_train_timesteps
+        return self.config.max_timestep + 1
 
     # ------------------------------------------------------------------ loss and step
 
@@ -649,7 +667,7 @@ class Trainer:
         tensors = _to_torch(self.train_sampler.batch(cfg.batch_size), self.device)
         shape = tensors["target"].shape
         noise = torch.randn(shape, generator=self.generator).to(self.device)
-        n_t = self.model_config.num_train_timesteps
+        n_t = self._n_timesteps
         timesteps = torch.randint(0, n_t, (shape[0],), generator=self.generator).to(self.device)
         if cfg.warmup_steps:
             for group in self.optimizer.param_groups:
