@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..engines.base import ENGINE_NAMES
+from ..hpc_plugin import PLUGINS
 
 
 def _positive_int(value: str) -> int:
@@ -195,9 +196,9 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--sampler-steps",
         type=_positive_int,
-        default=10,
         metavar="N",
-        help="DDIM steps per sample (network evaluations)",
+        help="DDIM steps per sample (network evaluations); default: the model's setting for "
+        "the device (shipped model: 10 on a GPU, 3 on the CPU)",
     )
     model.add_argument(
         "--sampler-t-start",
@@ -218,10 +219,10 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--n-samples",
         type=_positive_int,
-        default=4,
         metavar="K",
         help="samples per synthesised slice: their mean is the output, their standard "
-        "deviation the uncertainty map",
+        "deviation the uncertainty map; default: the model's setting for the device "
+        "(shipped model: 4 on a GPU, 2 on the CPU)",
     )
     model.add_argument(
         "--device",
@@ -261,6 +262,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     perf.add_argument(
         "--mem-gb", type=_positive_float, metavar="GB", help="memory limit for scheduling"
+    )
+    perf.add_argument(
+        "--nipype-plugin",
+        choices=PLUGINS,
+        help="how Nipype runs the steps: MultiProc (processes on this machine, GPU slots for "
+        "the diffusion engine), Linear (one at a time), SLURM (each step an sbatch job, "
+        "waits), SLURMGraph (submits the whole graph as dependent jobs and returns) "
+        "(default: the plugin file's, else MultiProc)",
+    )
+    perf.add_argument(
+        "--plugin-file",
+        type=_existing_file,
+        metavar="FILE",
+        help="YAML as for fMRIPrep's --use-plugin: 'plugin: NAME' and 'plugin_args: {...}' "
+        "(e.g. sbatch_args, max_jobs; values here win over --nprocs/--mem-gb)",
     )
     perf.add_argument(
         "--stop-on-first-crash",

@@ -12,17 +12,27 @@ from pathlib import Path
 from .. import __version__
 from ..config import Config
 from ..errors import InputError, Qid2Error
+from ..hpc_plugin import SLURM_PLUGINS, PluginSettings, resolve_plugin
 
 LOGGER = logging.getLogger("qid2")
 
 
 def _config_from_args(argv: list[str] | None) -> Config:
+    return _parse_args(argv)[0]
+
+
+def _parse_args(argv: list[str] | None) -> tuple[Config, dict]:
+    """Parse the command line into the Config and the (unchecked) Nipype plugin request."""
     from ..bids import load_bids_filter_file
     from .parser import _build_parser
 
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.sampler_t_start is not None and args.sampler_steps > args.sampler_t_start + 1:
+    if (
+        args.sampler_t_start is not None
+        and args.sampler_steps is not None
+        and args.sampler_steps > args.sampler_t_start + 1
+    ):
         parser.error(
             f"--sampler-steps ({args.sampler_steps}) must not exceed --sampler-t-start + 1 "
             f"({args.sampler_t_start + 1})"
@@ -33,7 +43,11 @@ def _config_from_args(argv: list[str] | None) -> Config:
     if options["nprocs"] is None:
         options.pop("nprocs")
     options["command_line"] = ["qid2", *(sys.argv[1:] if argv is None else argv)]
-    return Config(**options)
+    plugin_request = {
+        "name": options.pop("nipype_plugin"),
+        "plugin_file": options.pop("plugin_file"),
+    }
+    return Config(**options), plugin_request
 
 
 def _setup_logging(verbose: int) -> None:
@@ -151,13 +165,16 @@ def _progress_callback(total: int):
     return bar, callback, failed
 
 
-def run_participant(config: Config) -> int:
+def run_participant(config: Config, plugin: PluginSettings | None = None) -> int:
     """Run the participant level; return the exit status.
 
     Parameters
     ----------
     config : Config
         Settings of the invocation.
+    plugin : PluginSettings, optional
+        The Nipype plugin (checked by :func:`~qid2_bidsapp.hpc_plugin.resolve_plugin`);
+        default MultiProc.
 
     Returns
     -------
@@ -168,11 +185,13 @@ def run_participant(config: Config) -> int:
 
     from ..derivatives import write_dataset_description
     from ..engines.qid2 import qid2_uses_cuda
+    from ..hpc_plugin import plugin_run_args, prepare_environment
     from ..reports.subject import build_subject_report
-    from ..workflows.base import init_qid2_wf
+    from ..workflows.base import init_qid2_wf, set_slurm_node_args
 
     if config.reports_only:
         return _reports_only(config, build_subject_report)
+    plugin = plugin or PluginSettings()
     runs = preflight(config)
     LOGGER.info("%d DWI run(s) of %d participant(s)", len(runs), len({r.subject for r in runs}))
     # inputs are fine: from here on, the output folder may be written
@@ -206,16 +225,27 @@ def run_participant(config: Config) -> int:
     workflow = init_qid2_wf(config=config, runs=runs, log_path=str(log_path))
     if config.write_graph:
         _write_graph(workflow, logs)
-    plugin_args = {"n_procs": config.nprocs, "raise_insufficient": False}
-    if config.engine == "qid2" and qid2_uses_cuda(config.device):
-        # the qid2 nodes declare use_gpu: one at a time on the GPU (they all use cuda:0)
-        plugin_args["n_gpu_procs"] = 1
-    if config.mem_gb:
-        plugin_args["memory_gb"] = config.mem_gb
-    bar, plugin_args["status_callback"], failed = _progress_callback(len(workflow._get_all_nodes()))
+    # the qid2 nodes declare use_gpu: one at a time on the GPU (they all use cuda:0)
+    n_gpu_procs = 1 if config.engine == "qid2" and qid2_uses_cuda(config.device) else 0
+    if plugin.name in SLURM_PLUGINS:
+        set_slurm_node_args(workflow)
+        prepare_environment(plugin)
+    bar, callback, failed = _progress_callback(len(workflow._get_all_nodes()))
+    plugin_args = plugin_run_args(
+        plugin,
+        nprocs=config.nprocs,
+        mem_gb=config.mem_gb,
+        n_gpu_procs=n_gpu_procs,
+        status_callback=callback,
+    )
+    LOGGER.info(
+        "Nipype plugin %s%s",
+        plugin.name,
+        f" (from {plugin.source})" if plugin.source else "",
+    )
     start = time.perf_counter()
     try:
-        workflow.run(plugin="MultiProc", plugin_args=plugin_args)
+        workflow.run(plugin=plugin.name, plugin_args=plugin_args)
     except RuntimeError as exc:
         bar.close()
         what = f"{len(failed)} step(s) failed: {', '.join(failed[:3])}" if failed else str(exc)
@@ -225,6 +255,13 @@ def run_participant(config: Config) -> int:
             "are complete in the output folder, rerun with the same -w to resume"
         ) from None
     bar.close()
+    if plugin.submits_and_returns:
+        print(
+            f"qid2: submitted the workflow as SLURM jobs ({plugin.name}, scripts in "
+            f"{config.work_dir / 'qid2_wf' / 'batch'}); outputs and reports appear in "
+            f"{config.output_dir} as the jobs finish"
+        )
+        return 0
     LOGGER.info("finished in %.1f s", time.perf_counter() - start)
     for subject in sorted({r.subject for r in runs}):
         print(f"qid2: report for sub-{subject}: {config.output_dir / f'sub-{subject}.html'}")
@@ -297,12 +334,13 @@ def main(argv: list[str] | None = None) -> int:
 
     """
     try:
-        config = _config_from_args(argv)
+        config, plugin_request = _parse_args(argv)
         _setup_logging(config.verbose)
         os.environ.setdefault("OMP_NUM_THREADS", str(config.omp_nthreads))
         if config.analysis_level == "group":
             return run_group(config)
-        return run_participant(config)
+        # checked before anything is written, like the other inputs
+        return run_participant(config, resolve_plugin(**plugin_request))
     except Qid2Error as exc:
         print(f"qid2: error: {exc}", file=sys.stderr)
         return 1

@@ -197,7 +197,31 @@ def make_example_run(
     return dwi_path
 
 
-def make_example_dataset(root: Path, *, seed: int = 0) -> Path:
+def example_subjects(n_subjects: int | None = None) -> dict[str, tuple]:
+    """Return the example's participants: the two bundled ones, then more like ``01``.
+
+    Parameters
+    ----------
+    n_subjects : int, optional
+        How many (default: the two bundled ones). Beyond two, each extra participant has one
+        single-shell run like ``sub-01`` (15 directions at b=1000), with its own noise.
+
+    Returns
+    -------
+    dict
+        ``{label: (sessions, run entities, shells, oblique)}``.
+
+    """
+    n = len(EXAMPLE_SUBJECTS) if n_subjects is None else n_subjects
+    if n < 1:
+        raise ValueError(f"n_subjects must be at least 1, got {n}")
+    subjects = dict(list(EXAMPLE_SUBJECTS.items())[:n])
+    for index in range(len(subjects) + 1, n + 1):
+        subjects[f"{index:02d}"] = EXAMPLE_SUBJECTS["01"]
+    return subjects
+
+
+def make_example_dataset(root: Path, *, seed: int = 0, n_subjects: int | None = None) -> Path:
     """Write the bundled example BIDS dataset (2 subjects, 2 runs, one of them multi-shell).
 
     Parameters
@@ -206,6 +230,8 @@ def make_example_dataset(root: Path, *, seed: int = 0) -> Path:
         Folder to create (must not exist or be empty).
     seed : int
         Seed for directions and noise.
+    n_subjects : int, optional
+        Number of participants (default 2, the bundled example); see :func:`example_subjects`.
 
     Returns
     -------
@@ -230,7 +256,8 @@ def make_example_dataset(root: Path, *, seed: int = 0) -> Path:
         "Rician noise. Not real data.\n"
     )
     rows = ["participant_id"]
-    for k, (label, (sessions, runs, shells, oblique)) in enumerate(EXAMPLE_SUBJECTS.items()):
+    subjects = example_subjects(n_subjects)
+    for k, (label, (sessions, runs, shells, oblique)) in enumerate(subjects.items()):
         rows.append(f"sub-{label}")
         for ses in sessions:
             folder = root / f"sub-{label}" / (f"ses-{ses}" if ses else "") / "dwi"

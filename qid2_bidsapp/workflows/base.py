@@ -93,3 +93,26 @@ def init_single_subject_wf(
         workflow.connect(run_wf, "outputnode.published", gather, f"in{index}")
     workflow.connect(gather, "out", report, "published")
     return workflow
+
+
+def set_slurm_node_args(workflow) -> None:
+    """Give each node that Nipype's SLURM plugins submit as a job what it declares.
+
+    Every node not run in the submitting process gets ``--cpus-per-task`` (its ``n_procs``),
+    ``--mem`` (its ``mem_gb``) and, for nodes that run on a GPU, ``--gres=gpu:1``; these are
+    appended to the plugin's own ``sbatch_args`` (later options win in sbatch).
+
+    Parameters
+    ----------
+    workflow : nipype.pipeline.engine.Workflow
+        From :func:`init_qid2_wf`.
+
+    """
+    from ..hpc_plugin import slurm_node_args
+
+    for node in workflow._get_all_nodes():
+        if node.run_without_submitting:
+            continue
+        mem_gb = node.mem_gb if node.mem_gb and node.mem_gb > 0.25 else None
+        args = slurm_node_args(node.n_procs, mem_gb, node.is_gpu_node())
+        node.plugin_args = {"sbatch_args": args, "overwrite": False}
