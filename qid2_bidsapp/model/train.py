@@ -1089,6 +1089,12 @@ def _describe_source(info: dict) -> str:
     if info["kind"] == "bids":
         runs = info.get("runs") or []
         return f"BIDS dataset `{info['path']}`: {len(runs)} run(s) ({', '.join(runs)})"
+    if info["kind"] == "simulated":
+        return (
+            f"simulated brains (`qid2_bidsapp.sim`, seed {info.get('seed')}): "
+            f"{info.get('n_volumes')} slab(s), voxel {info.get('voxel_size')} mm, "
+            f"b {info.get('bvals')}, {info.get('n_directions')} directions, SNR {info.get('snr')}"
+        )
     return (
         f"analytic phantom (`{info.get('generator', info['kind'])}`), {info.get('n_volumes')} "
         f"volume(s), b {info.get('bvals')}, {info.get('n_directions')} directions, "
