@@ -135,6 +135,22 @@ def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
             )
 
 
+def default_file_mode() -> int:
+    """Return the mode a newly created file gets under the current umask (``0o666 & ~umask``).
+
+    `tempfile.mkstemp` creates files readable by their owner only; files published from one
+    are given this mode so that group members see reports as they see every other output.
+
+    Returns
+    -------
+    int
+
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file so readers see either the old or the complete new content.
 
@@ -184,11 +200,11 @@ def container_info() -> dict | None:
         BIDS ``Container`` object (``Type``, ``Tag``), or None outside a container.
 
     """
-    kind = os.environ.get("QID2_CONTAINER_TYPE")
+    # Apptainer first: it runs Docker images, whose environment still says "docker"
+    kind = "apptainer" if os.environ.get("APPTAINER_CONTAINER") else None
+    kind = kind or os.environ.get("QID2_CONTAINER_TYPE")
     if not kind and Path("/.dockerenv").exists():
         kind = "docker"
-    if not kind and os.environ.get("APPTAINER_CONTAINER"):
-        kind = "apptainer"
     if not kind:
         return None
     info = {"Type": kind}

@@ -67,3 +67,32 @@ def test_publish_is_all_or_nothing(tmp_path):
     publish({src / "a": out / "x" / "a"})
     assert (out / "x" / "a").read_text() == "A2"
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_container_info_prefers_apptainer_over_the_image_variables(monkeypatch):
+    from qid2_bidsapp.derivatives import container_info
+
+    monkeypatch.setenv("QID2_CONTAINER_TYPE", "docker")
+    monkeypatch.setenv("QID2_CONTAINER_TAG", "qid2:0.1.0")
+    monkeypatch.delenv("APPTAINER_CONTAINER", raising=False)
+    assert container_info() == {"Type": "docker", "Tag": "qid2:0.1.0"}
+    monkeypatch.setenv("APPTAINER_CONTAINER", "/images/qid2.sif")
+    assert container_info() == {"Type": "apptainer", "Tag": "qid2:0.1.0"}
+
+
+def test_reports_and_figures_get_the_umask_mode_not_owner_only(tmp_path):
+    import os
+
+    import matplotlib.figure
+
+    from qid2_bidsapp.reports.figures import save_figure
+    from qid2_bidsapp.reports.subject import write_text_atomic
+
+    previous = os.umask(0o022)
+    try:
+        page = write_text_atomic(tmp_path / "sub-01.html", "<html></html>")
+        png = save_figure(matplotlib.figure.Figure(), tmp_path / "f.png")
+    finally:
+        os.umask(previous)
+    assert page.stat().st_mode & 0o777 == 0o644
+    assert png.stat().st_mode & 0o777 == 0o644

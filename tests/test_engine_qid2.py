@@ -596,4 +596,8 @@ def test_app_end_to_end_with_the_qid2_engine(example_bids_ro, tiny_model, tmp_pa
     info = json.loads(std_path.with_name(std_path.name.replace(".nii.gz", ".json")).read_text())
     assert info["VolumeIndices"] == sidecar["SynthesizedVolumes"]
     assert info["ModelSHA256"] == sidecar["ModelSHA256"]
+    report = (out / "sub-01.html").read_text()
+    figure = out / "sub-01" / "figures" / "sub-01_space-orig_desc-uncertainty_dwimap.png"
+    assert figure.stat().st_size > 0 and figure.name in report
+    assert "Uncertainty of the diffusion engine" in report
     assert_valid_derivative(out)

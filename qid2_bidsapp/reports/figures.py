@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..derivatives import default_file_mode
+
 __all__ = [
     "fold_to_hemisphere",
     "plot_color_fa",
@@ -63,6 +65,7 @@ def save_figure(fig: Figure, out_path: Path, *, dpi: int = DPI) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes it owner-only
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
         os.replace(tmp, out_path)
@@ -315,6 +318,56 @@ def plot_volume_comparison(
             "synth − acquired",
             diff,
             {"cmap": "RdBu_r", "vmin": -vmax / 2, "vmax": vmax / 2, "colorbar": "difference"},
+        ),
+    ]
+    return _slice_grid(rows, slice_labels, out_path, title=title, aspect=aspect)
+
+
+def plot_uncertainty(
+    std_mean: np.ndarray,
+    relative: np.ndarray,
+    out_path: Path,
+    *,
+    slice_labels: Sequence[str],
+    title: str | None = None,
+    aspect: float = 1.0,
+) -> Path:
+    """Plot the diffusion engine's uncertainty: mean sample std and std relative to the signal.
+
+    Parameters
+    ----------
+    std_mean : ndarray, shape (X, Y, S)
+        Per-voxel mean, over the synthesised volumes, of the standard deviation of the K
+        samples (signal units); NaN outside the brain.
+    relative : ndarray, shape (X, Y, S)
+        The same divided by the mean synthesised signal, in percent; NaN outside the brain.
+    out_path : Path
+        Destination PNG.
+    slice_labels : sequence of str
+        One label per slice.
+    title : str, optional
+        Figure title.
+    aspect : float, optional
+        Voxel height / width ratio of the displayed slices.
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+
+    """
+    finite = relative[np.isfinite(relative)]
+    rel_max = float(np.percentile(finite, 99)) if finite.size else 1.0
+    rows = [
+        (
+            "sample std",
+            std_mean,
+            {"cmap": "magma", "vmin": 0.0, "vmax": _robust_max(std_mean), "colorbar": "signal"},
+        ),
+        (
+            "std / signal",
+            relative,
+            {"cmap": "magma", "vmin": 0.0, "vmax": max(rel_max, 1e-6), "colorbar": "%"},
         ),
     ]
     return _slice_grid(rows, slice_labels, out_path, title=title, aspect=aspect)

@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..derivatives import default_file_mode
 from ..errors import InputError
 from . import figures
 from .methods import methods_paragraph
@@ -89,6 +90,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp makes it owner-only
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -726,6 +728,45 @@ def _fa_figure(
     )
 
 
+def _uncertainty_figure(
+    run: RunData, data: np.ndarray, view: RasView, sl: _Slices, fig_dir: Path, output_dir: Path
+) -> dict | None:
+    """Plot the qid2 engine's uncertainty map on the shown slices (None for other engines)."""
+    path = run.files.sibling("_model-qid2_param-std_dwimap.nii.gz")
+    if not path.exists():
+        return None
+    img = nib.load(path)
+    std = view.array(np.asarray(img.dataobj, dtype=np.float32))[:, :, sl.index]
+    img.uncache()
+    synthesized = np.asarray(run.synthesized, dtype=int)
+    if std.ndim != 4 or std.shape[3] != len(synthesized):
+        run.notes.append(
+            f"The uncertainty map has {std.shape[3] if std.ndim == 4 else 1} volume(s) for "
+            f"{len(synthesized)} synthesised volume(s): its figure is left out."
+        )
+        return None
+    std_mean = np.where(sl.mask, std.mean(axis=3), np.nan)
+    signal = data[..., synthesized].mean(axis=3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(sl.mask & (signal > 0), 100.0 * std.mean(axis=3) / signal, np.nan)
+    out = figures.plot_uncertainty(
+        std_mean,
+        relative,
+        fig_dir / f"{run.files.prefix}_desc-uncertainty_dwimap.png",
+        slice_labels=sl.labels,
+        aspect=sl.aspect,
+    )
+    return _figure(
+        out,
+        output_dir,
+        "Uncertainty of the diffusion engine: the standard deviation of its K samples, averaged "
+        "over the synthesised volumes (top), and relative to the mean synthesised signal "
+        "(bottom). High values mark voxels where the model is unsure; it is not an error "
+        "estimate (the self-check in the QC table measures error).",
+        "uncertainty of the synthesised volumes",
+    )
+
+
 def _color_fa_figure(
     run: RunData, data: np.ndarray, bvecs: np.ndarray, sl: _Slices, fig_dir: Path, output_dir: Path
 ) -> dict | None:
@@ -775,6 +816,7 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
     figs["examples"] = _example_figures(run, data, sl, fig_dir, output_dir)
     figs["fa"] = _fa_figure(run, view, sl, fig_dir, output_dir)
     figs["colorfa"] = _color_fa_figure(run, data, view.vectors(run.bvecs), sl, fig_dir, output_dir)
+    figs["uncertainty"] = _uncertainty_figure(run, data, view, sl, fig_dir, output_dir)
     del data
 
     qc = _qc_table(files)
