@@ -364,3 +364,14 @@ def test_simulated_cases_give_both_protocols_with_truth():
     assert np.sum(first.bvals == 0) == 6
     rows = evaluate_case(second, [Method("none", "none")])
     assert rows[0]["fa_mae_truth"] > rows[1]["fa_mae_truth"] > 0  # full beats its third
+
+
+def test_sim_slab_option_is_parsed_and_checked():
+    from qid2_bidsapp.cli.eval import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["--simulated", "1", "--sim-slab", "30:40", "--out", "x"])
+    assert args.sim_slab == (30, 40)
+    for bad in ("40:30", "a:b", "30"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--simulated", "1", "--sim-slab", bad, "--out", "x"])
