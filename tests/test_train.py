@@ -429,3 +429,25 @@ def test_example_config_resolves_paths():
     )
     assert config.model_config().channels == (32, 64, 64)
     assert Path(config.output).is_absolute()
+
+
+def test_lr_history_segments_a_log_with_a_lowered_learning_rate(tmp_path):
+    import json
+
+    from qid2_bidsapp.model.train import _lr_text, lr_history
+
+    log = tmp_path / "train_log.jsonl"
+    events = [{"event": "start"}]
+    events += [{"event": "train", "step": s, "lr": 3e-4, "loss": 0.1} for s in (25, 50, 75)]
+    events += [{"event": "val", "step": 75}, {"event": "resume", "step": 50}]
+    events += [{"event": "train", "step": s, "lr": 5e-5, "loss": 0.1} for s in (75, 100)]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events))
+    segments = lr_history(log)
+    assert segments == [
+        {"from_step": 25, "to_step": 75, "lr": 3e-4},
+        {"from_step": 75, "to_step": 100, "lr": 5e-5},
+    ]
+    text = _lr_text({"lr_history": segments, "optimizer": {"lr": 5e-5}})
+    assert text == "0.0003 (logged steps 25-75), then 5e-05 (logged steps 75-100)"
+    assert _lr_text({"lr_history": segments[:1], "optimizer": {"lr": 3e-4}}) == "0.0003"
+    assert lr_history(tmp_path / "missing.jsonl") == []

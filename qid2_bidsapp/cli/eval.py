@@ -166,10 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         "subset; qid2 is skipped without a model, mrtrix without amp2sh/sh2amp",
     )
     meth.add_argument("--model", type=Path, metavar="DIR", help="qid2 model folder")
-    meth.add_argument("--sampler-steps", type=_positive_int, default=10, metavar="N")
+    meth.add_argument(
+        "--sampler-steps",
+        type=_positive_int,
+        metavar="N",
+        help="default: the model's setting for the device, as in the app",
+    )
     meth.add_argument("--sampler-t-start", type=_t_start, default=200, metavar="T")
     meth.add_argument("--temperature", type=float, default=1.0, metavar="τ")
-    meth.add_argument("--n-samples", type=_positive_int, default=4, metavar="K")
+    meth.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        metavar="K",
+        help="default: the model's setting for the device, as in the app",
+    )
     meth.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     meth.add_argument("--batch-size", type=_positive_int, metavar="N")
     meth.add_argument(

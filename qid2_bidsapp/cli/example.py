@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("qid2-example"),
         help="where to put the example (bids/, derivatives/, work/)",
     )
-    parser.add_argument("--engine", default="sh", help="up-sampling engine (sh, interp)")
+    parser.add_argument(
+        "--engine",
+        default="sh",
+        help="up-sampling engine (sh, interp, or qid2: the diffusion model, minutes on a CPU)",
+    )
     args = parser.parse_args(argv)
     folder = args.folder.resolve()
     bids = folder / "bids"

@@ -95,9 +95,9 @@ def _no_model_message(model_dir: Path | None) -> str:
         looked = ", ".join(str(p) for p in model_search_paths())
         where = f"no model found (looked in {looked}; set by --model or ${MODEL_ENV})"
     return (
-        f"engine 'qid2' (the diffusion up-sampler) cannot run: {where}; no pretrained model "
-        "ships with this version of qid2 yet. Pass --model DIR (a folder written by qid2-train), "
-        "or use --engine sh (spherical harmonics) or --engine interp"
+        f"engine 'qid2' (the diffusion up-sampler) cannot run: {where}; the default model "
+        "(models/qid2-default) is missing from this installation. Pass --model DIR (a folder "
+        "written by qid2-train), or use --engine sh (spherical harmonics) or --engine interp"
     )
 
 

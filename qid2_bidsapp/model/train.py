@@ -65,6 +65,7 @@ PRESETS = {"tiny": ModelConfig.tiny, "small": ModelConfig.small, "default": Mode
 RESUMABLE_CHANGES = frozenset(
     {
         "steps",
+        "lr",  # lowering the learning rate for a final chunk is a resumable change
         "max_minutes",
         "log_every",
         "validate_every",
@@ -1030,6 +1031,36 @@ def _export(trainer: Trainer, log: _Log) -> Path:
 # --------------------------------------------------------------------------- provenance
 
 
+def lr_history(log_path: Path) -> list[dict[str, Any]]:
+    """Return the learning rate's segments from a training log (it may change on resume).
+
+    Parameters
+    ----------
+    log_path : Path
+        The run's ``train_log.jsonl``.
+
+    Returns
+    -------
+    list of dict
+        ``{"from_step", "to_step", "lr"}`` per run of logged steps at one learning rate (after
+        warm-up); empty when the log is missing.
+
+    """
+    segments: list[dict[str, Any]] = []
+    if not log_path.is_file():
+        return segments
+    for line in log_path.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") != "train" or "lr" not in event:
+            continue
+        step, lr = int(event["step"]), float(event["lr"])
+        if segments and segments[-1]["lr"] == lr and step > segments[-1]["to_step"]:
+            segments[-1]["to_step"] = step
+        else:
+            segments.append({"from_step": step, "to_step": step, "lr": lr})
+    return segments
+
+
 def training_record(trainer: Trainer) -> dict[str, Any]:
     """Return the ``training`` entry of the model's config.json.
 
@@ -1066,8 +1097,9 @@ def training_record(trainer: Trainer) -> dict[str, Any]:
             "grad_clip": cfg.grad_clip,
             "warmup_steps": cfg.warmup_steps,
         },
+        "lr_history": lr_history(Path(cfg.output) / LOG_NAME),
         "loss": f"{trainer.model_config.prediction_type} MSE inside the brain mask, "
-        "uniform timesteps",
+        f"timesteps uniform in 0..{trainer._n_timesteps - 1}",
         "sh_prior": {"lambda": SH_PRIOR_LAMBDA, "order": ORDER_RULE, "basis": "descoteaux07"},
         "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
         "seed": cfg.seed,
@@ -1118,6 +1150,15 @@ def _verdict(metrics: dict) -> str:
     )
 
 
+def _lr_text(record: dict[str, Any]) -> str:
+    segments = record.get("lr_history") or []
+    if len({seg["lr"] for seg in segments}) < 2:
+        return str(record["optimizer"]["lr"])
+    return ", then ".join(
+        f"{seg['lr']:g} (logged steps {seg['from_step']}-{seg['to_step']})" for seg in segments
+    )
+
+
 def model_card(record: dict[str, Any]) -> str:
     """Markdown model card from a training record.
 
@@ -1151,7 +1192,7 @@ def model_card(record: dict[str, Any]) -> str:
         f"target = {record['target']}.",
         f"- {record['steps']} steps (planned {record['steps_planned']}), batch "
         f"{record['batch_size']}, {record['crop']}x{record['crop']} crops along voxel axis "
-        f"{record['slice_axis']}; Adam lr {record['optimizer']['lr']}, betas "
+        f"{record['slice_axis']}; Adam lr {_lr_text(record)}, betas "
         f"{record['optimizer']['betas']}; loss: {record['loss']}.",
         f"- Augmentation: {record['augmentation']}.",
         f"- SH prior: λ = {record['sh_prior']['lambda']}, order: {record['sh_prior']['order']}.",
