@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import EngineUnavailableError, Qid2Error
+from .parser import _non_negative_int, _positive_int, _t_start
 
 DEFAULT_METHODS = "sh,interp,none,qid2,mrtrix"
 #: ``--qid2-variant`` keys and the engine options they set.
@@ -40,20 +41,6 @@ the best classical method by at least 15 %). seconds: prediction time per case (
 """
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return number
-
-
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0.0 < number < 1.0:
@@ -69,12 +56,6 @@ def _slab(value: str) -> tuple[int, int]:
     if not 0 <= start < stop:
         raise argparse.ArgumentTypeError(f"need 0 <= START < STOP, got {value!r}")
     return start, stop
-
-
-def _t_start(value: str) -> int | None:
-    if value.strip().lower() == "noise":
-        return None
-    return _non_negative_int(value)
 
 
 def _variant(value: str) -> tuple[str, dict]:
