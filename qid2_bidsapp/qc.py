@@ -32,13 +32,33 @@ class DTIResult:
     evec1: np.ndarray
 
 
-def _resolve_mask(mask: np.ndarray | None, spatial_shape: tuple[int, ...]) -> np.ndarray:
-    """Return ``mask`` as a boolean array of ``spatial_shape`` (all True when ``None``)."""
+def resolve_mask(mask: np.ndarray | None, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """Return ``mask`` as a boolean array of ``spatial_shape`` (all True when ``None``).
+
+    Parameters
+    ----------
+    mask : ndarray, optional
+        Voxel mask (any dtype; non-zero is inside).
+    spatial_shape : tuple of int
+        Shape the mask must have.
+
+    Returns
+    -------
+    ndarray of bool
+
+    Raises
+    ------
+    ValueError
+        When the mask's shape is not `spatial_shape`.
+
+    """
     if mask is None:
         return np.ones(spatial_shape, dtype=bool)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != tuple(spatial_shape):
-        raise ValueError(f"mask shape {mask.shape} does not match image shape {spatial_shape}")
+        raise ValueError(
+            f"mask shape {mask.shape} does not match image shape {tuple(spatial_shape)}"
+        )
     return mask
 
 
@@ -154,7 +174,7 @@ def fit_dti(
     if data.ndim != 4:
         raise ValueError(f"data must be 4D (X, Y, Z, V), got shape {data.shape}")
     spatial = data.shape[:3]
-    mask = _resolve_mask(mask, spatial)
+    mask = resolve_mask(mask, spatial)
     fa_v, md_v, evec_v = _fit_dti_voxels(data[mask].astype(np.float64), bvals, bvecs, b0_threshold)
     fa = np.zeros(spatial, np.float32)
     md = np.zeros(spatial, np.float32)
@@ -188,7 +208,7 @@ def _masked_values(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     a = np.asarray(a)
     if mask is None:
         return a.astype(np.float64)
-    return a[_resolve_mask(mask, a.shape[: np.ndim(mask)])].astype(np.float64)
+    return a[resolve_mask(mask, a.shape[: np.ndim(mask)])].astype(np.float64)
 
 
 def masked_nrmse(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -376,7 +396,7 @@ def hidden_direction_check(
         return _nan_check(0)
     if shell.size - n_hidden < 1:
         raise ValueError(f"cannot hide {n_hidden} of {shell.size} directions")
-    mask = _resolve_mask(mask, data.shape[:3])
+    mask = resolve_mask(mask, data.shape[:3])
 
     local_hidden = choose_hidden_directions(bvecs[shell], n_hidden, seed)
     hidden = shell[local_hidden]

@@ -31,3 +31,17 @@ def real_bids() -> Path:
     if not (REAL_BIDS / "dataset_description.json").exists():
         pytest.skip(f"{REAL_BIDS} not present (real-data tests need ../shared/data)")
     return REAL_BIDS
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test module's torch code on one thread (restored afterwards).
+
+    Tiny tensors: one thread is as fast, and far faster on a loaded 2-core machine.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

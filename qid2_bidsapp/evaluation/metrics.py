@@ -11,7 +11,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from ..engines.sh import sh_basis_matrix
-from ..qc import masked_mae, masked_nrmse
+from ..qc import masked_mae, masked_nrmse, resolve_mask
 
 #: SSIM constants and Gaussian window of Wang et al. (IEEE TIP 2004).
 SSIM_K1 = 0.01
@@ -23,15 +23,6 @@ SSIM_TRUNCATE = 3.5
 #: SH order and Laplace–Beltrami weight of the RISH fit.
 RISH_ORDER = 4
 RISH_LAMBDA = 0.006
-
-
-def _mask_or_all(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape, dtype=bool)
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != tuple(shape):
-        raise ValueError(f"mask shape {mask.shape} does not match image shape {tuple(shape)}")
-    return mask
 
 
 def fa_mae(fa: np.ndarray, fa_reference: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -128,7 +119,7 @@ def ssim(
 
     """
     values = ssim_map(a, b, data_range)
-    mask = _mask_or_all(mask, values.shape)
+    mask = resolve_mask(mask, values.shape)
     return float(values[mask].mean()) if mask.any() else float("nan")
 
 
@@ -178,7 +169,7 @@ def psnr(
     reference = np.asarray(reference, dtype=np.float64)
     if pred.shape != reference.shape:
         raise ValueError(f"shape mismatch: {pred.shape} vs {reference.shape}")
-    mask = _mask_or_all(mask, reference.shape[:3])
+    mask = resolve_mask(mask, reference.shape[:3])
     p, r = pred[mask], reference[mask]
     if r.size == 0:
         return float("nan")
@@ -217,7 +208,7 @@ def volume_ssim(
     reference = np.asarray(reference, dtype=np.float64)
     if pred.shape != reference.shape or pred.ndim != 4:
         raise ValueError(f"need two 4D arrays of one shape, got {pred.shape} and {reference.shape}")
-    mask = _mask_or_all(mask, reference.shape[:3])
+    mask = resolve_mask(mask, reference.shape[:3])
     if reference.shape[3] == 0 or not mask.any():
         return float("nan")
     peak = float(reference[mask].max()) if data_range is None else float(data_range)
@@ -267,7 +258,7 @@ def rish_features(
         raise ValueError(
             f"signal {signal.shape} and bvecs {np.shape(bvecs)} do not describe one shell"
         )
-    mask = _mask_or_all(mask, signal.shape[:3])
+    mask = resolve_mask(mask, signal.shape[:3])
     basis, l_values = sh_basis_matrix(bvecs, order)
     penalty = lambda_ * np.diag((l_values * (l_values + 1.0)) ** 2)
     fit, *_ = np.linalg.lstsq(basis.T @ basis + penalty, basis.T, rcond=None)  # (C, N)
