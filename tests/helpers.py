@@ -79,3 +79,20 @@ def randomise_weights(network, seed: int = 0):
             else:
                 p.copy_(0.1 * noise)
     return network
+
+
+def save_tiny_random_model(folder: Path) -> Path:
+    """Write a model folder holding the tiny preset with random weights (tests only)."""
+    from qid2_bidsapp.model.checkpoint import save_model
+    from qid2_bidsapp.model.config import ModelConfig
+    from qid2_bidsapp.model.network import Qid2Network
+
+    cfg = ModelConfig.tiny()
+    save_model(
+        folder,
+        randomise_weights(Qid2Network(cfg)),
+        cfg,
+        training={"note": "random weights for tests"},
+        card="# tiny random model (tests only)\n",
+    )
+    return folder

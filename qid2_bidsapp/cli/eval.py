@@ -23,6 +23,8 @@ VARIANT_KEYS = {
     "temperature": ("temperature", float),
     "samples": ("n_samples", int),
     "eta": ("eta", float),
+    "adapt": ("adapt_steps", int),
+    "adapt_lr": ("adapt_lr", float),
 }
 
 DEFINITIONS = """\
@@ -170,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME:KEY=V,...",
         help="extra qid2 method 'qid2-NAME' with other sampler settings, e.g. "
-        "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, eta); repeatable",
+        "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, eta, adapt = "
+        "--adapt-steps, adapt_lr); repeatable",
     )
     meth.add_argument("--sh-order", type=int, help="fixed SH order of 'sh' (default: auto)")
     meth.add_argument("--sh-lambda", type=float, default=0.006, help="regularisation of 'sh'")

@@ -223,6 +223,8 @@ def build_qid2_engine(**options) -> Qid2Upsampler:
         "amp",
         "slice_axis",
         "affine",
+        "adapt_steps",
+        "adapt_lr",
     )
     kwargs = {k: options[k] for k in names if k in options}
     if str(kwargs.get("device", "auto")).startswith("cuda") and not qid2_uses_cuda("cuda"):
@@ -306,6 +308,11 @@ class Qid2Upsampler:
         determinant is positive) it gives the directions in the voxel frame the model was
         trained in (`model.data.model_frame_bvecs`). None takes the b-vectors as voxel-axis
         directions already.
+    adapt_steps : int
+        Steps of a self-supervised fine-tune on the shell's acquired directions before
+        sampling it (`model.adapt`; 0: none). Each shell starts from the loaded weights.
+    adapt_lr : float
+        Learning rate of that fine-tune.
 
     Raises
     ------
@@ -334,7 +341,10 @@ class Qid2Upsampler:
         eta: float = 0.0,
         slice_axis: int = 2,
         affine=None,
+        adapt_steps: int = 0,
+        adapt_lr: float = 1e-4,
     ):
+        from ..model.adapt import AdaptSettings
         from ..model.checkpoint import load_model
         from ..model.inference import SamplerSettings
         from ..model.sampler import Qid2Sampler
@@ -363,6 +373,14 @@ class Qid2Upsampler:
             eta=float(eta),
         )
         self.sampler_settings.check_against(self.config)
+        t_start = self.sampler_settings.t_start
+        self.adapt_settings = AdaptSettings(
+            steps=int(adapt_steps),
+            lr=float(adapt_lr),
+            max_timestep=self.config.num_train_timesteps - 1 if t_start is None else t_start,
+            seed=int(seed),
+        )
+        self._adaptations: list[dict] = []
         self.sampler = Qid2Sampler(self.config)
         self.seed = int(seed)
         self.requested_device = str(device)
@@ -514,8 +532,9 @@ class Qid2Upsampler:
         frame_in, frame_out = self.model_frame(bvecs_in), self.model_frame(bvecs_out)
         device, dtype = self._ready()
         with _torch_threads(self.num_threads if device.type == "cpu" else None):
+            network = self._adapted(signal, b0, bvecs_in, float(bval), mask)
             mean, std, used = synthesise_shell(
-                self.network,
+                network,
                 self.sampler,
                 signal,
                 b0,
@@ -533,6 +552,24 @@ class Qid2Upsampler:
             )
         self._batch_used = used
         return mean, std
+
+    def _adapted(self, signal, b0, bvecs_in, bval: float, mask) -> object:
+        """Return the network fine-tuned on this shell (`model.adapt`), or the loaded one."""
+        if self.adapt_settings.steps == 0:
+            return self.network
+        from ..model.adapt import adapt_network, subject_volume
+
+        affine = np.diag([-1.0, 1.0, 1.0, 1.0]) if self.affine is None else self.affine
+        try:
+            volume = subject_volume(
+                signal, b0, bvecs_in, bval, mask, affine, slice_axis=self.slice_axis
+            )
+        except Qid2Error as err:  # too few directions or brain voxels to learn from
+            self._adaptations.append({"bval": bval, "skipped": str(err)})
+            return self.network
+        network, record = adapt_network(self.network, self.config, volume, self.adapt_settings)
+        self._adaptations.append({"bval": bval, **record})
+        return network
 
     def settings(self) -> dict:
         """Return the engine's settings as JSON-serialisable provenance.
@@ -566,4 +603,9 @@ class Qid2Upsampler:
             "prior": {"engine": "sh", "order": "auto", "lambda": SH_PRIOR_LAMBDA},
             "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
             "outside_mask": "SH prior (uncertainty 0)",
+            "adaptation": {
+                "steps": self.adapt_settings.steps,
+                "lr": self.adapt_settings.lr,
+                "shells": self._adaptations,
+            },
         }

@@ -463,6 +463,34 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return ((prediction - target).square() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def training_target(
+    config: ModelConfig, scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Return what the network learns to output for ``add_noise(x0, noise, timesteps)``.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Its ``prediction_type`` (epsilon, sample or v_prediction) decides.
+    scheduler : DDIMScheduler
+        The noise schedule (`sampler.make_scheduler`).
+    x0, noise : Tensor, shape (B, 1, H, W)
+        Clean target and the noise added to it.
+    timesteps : Tensor, shape (B,)
+        The timesteps.
+
+    Returns
+    -------
+    Tensor, shape (B, 1, H, W)
+
+    """
+    if config.prediction_type == "epsilon":
+        return noise
+    if config.prediction_type == "sample":
+        return x0
+    return scheduler.get_velocity(x0, noise, timesteps)
+
+
 def nrmse(estimate: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     """Normalised RMSE in a mask: ``||estimate - truth|| / ||truth||``.
 
@@ -638,12 +666,7 @@ class Trainer:
     # ------------------------------------------------------------------ loss and step
 
     def _training_target(self, x0, noise, timesteps):
-        kind = self.model_config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "sample":
-            return x0
-        return self.scheduler.get_velocity(x0, noise, timesteps)
+        return training_target(self.model_config, self.scheduler, x0, noise, timesteps)
 
     def _loss(self, tensors, noise, timesteps) -> torch.Tensor:
         x0 = tensors["target"]
