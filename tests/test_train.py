@@ -445,3 +445,48 @@ def test_lr_history_segments_a_log_with_a_lowered_learning_rate(tmp_path):
     assert text == "0.0003 (logged steps 25-75), then 5e-05 (logged steps 75-100)"
     assert _lr_text({"lr_history": segments[:1], "optimizer": {"lr": 3e-4}}) == "0.0003"
     assert lr_history(tmp_path / "missing.jsonl") == []
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def test_prior_lambda_reaches_the_examples(phantom_volumes):
+    volume = phantom_volumes[1]
+    default = make_example(volume, np.random.default_rng(1), n_references=R, clip=CLIP, crop=32)
+    sharp = make_example(
+        volume, np.random.default_rng(1), n_references=R, clip=CLIP, crop=32, prior_lambda=0.0
+    )
+    assert default["meta"] == sharp["meta"]
+    np.testing.assert_array_equal(default["condition"][:-1], sharp["condition"][:-1])
+    assert not np.allclose(default["condition"][-1], sharp["condition"][-1])  # the prior
+
+
+def test_init_model_starts_from_its_weights_with_overrides(tmp_path):
+    base = train(TrainConfig.from_dict(_config(tmp_path / "a", steps=2)), echo=lambda s: None)
+    network, base_config, info = load_model(base)
+    values = _config(tmp_path / "b", steps=2, init_model=str(base), lr=1e-9)
+    values["model"] = {"prior_lambda": 0.0006}
+    config = TrainConfig.from_dict(values)
+    assert config.model_config().prior_lambda == 0.0006
+    assert config.model_config().channels == base_config.channels
+    trainer = train_module.Trainer(config, log=lambda s: None)
+    for name, tensor in network.state_dict().items():
+        assert torch.equal(trainer.network.state_dict()[name], tensor), name
+    assert trainer.init_info["sha256"] == info["sha256"]
+    folder = train(config, echo=lambda s: None)
+    _, tuned_config, tuned = load_model(folder)
+    assert tuned_config.prior_lambda == 0.0006
+    assert tuned["training"]["sh_prior"]["lambda"] == 0.0006
+    assert tuned["training"]["init_model"]["sha256"] == info["sha256"]
+
+
+def test_init_model_errors(tmp_path):
+    base = train(TrainConfig.from_dict(_config(tmp_path / "a", steps=1)), echo=lambda s: None)
+    with pytest.raises(Qid2Error, match="either model.preset or init_model"):
+        TrainConfig.from_dict(_config(tmp_path / "b", init_model=str(base)))
+    with pytest.raises(InputError, match="config.json"):
+        values = _config(tmp_path / "b", init_model=str(tmp_path / "none"))
+        TrainConfig.from_dict({**values, "model": {}})
+    values = {**_config(tmp_path / "b", init_model=str(base)), "model": {"channels": [8, 8, 16]}}
+    with pytest.raises(Qid2Error, match="do not fit the configured network"):
+        train_module.Trainer(TrainConfig.from_dict(values), log=lambda s: None)

@@ -5,11 +5,11 @@ the R acquired slices nearest to g (`conditioning.select_references`) and the SH
 both divided by S0 and mapped to model space (`model.data.model_inputs`), with the directions as
 cross-attention tokens (`conditioning.direction_tokens`) in the model frame of the slice axis
 (`model.data.model_frame_bvecs`): everything as in training. The SH prior is the ``sh``
-engine's prediction at its defaults (`model.data.sh_prior_matrix`:
-``sh_prediction_matrix(bvecs_in, targets, sh_order_for(N), 0.006) @ signal``). The truncated
-DDIM sampler draws K samples per (slice, target); their mean is the prediction and their
-standard deviation the uncertainty. Outside the brain mask the output is the SH prior (clipped
-at 0) and the uncertainty 0.
+engine's prediction with the model's λ (`model.data.sh_prior_matrix`:
+``sh_prediction_matrix(bvecs_in, targets, sh_order_for(N), config.prior_lambda) @ signal``).
+The truncated DDIM sampler draws K samples per (slice, target); their mean is the prediction
+and their standard deviation the uncertainty. Outside the brain mask the output is the SH
+prior (clipped at 0) and the uncertainty 0.
 
 Only the lookup functions work without torch; the engine imports it when built.
 """
@@ -427,12 +427,11 @@ class Qid2Upsampler:
         affine = np.diag([-1.0, 1.0, 1.0, 1.0]) if self.affine is None else self.affine
         return model_frame_bvecs(bvecs, affine, self.slice_axis)
 
-    @staticmethod
-    def prior_matrix(bvecs_in: np.ndarray, bvecs_out: np.ndarray) -> np.ndarray:
+    def prior_matrix(self, bvecs_in: np.ndarray, bvecs_out: np.ndarray) -> np.ndarray:
         """Return the (M, N) map from the acquired signal to the SH prior at the targets.
 
-        This is the ``sh`` engine at its defaults (order from the direction count,
-        λ = 0.006), as in training (`model.data.sh_prior_matrix`); row m is the prior of
+        This is the ``sh`` engine with the order from the direction count and the model's
+        ``prior_lambda``, as in training (`model.data.sh_prior_matrix`); row m is the prior of
         target m, the same as `model.data.sh_prior_for_target` for that target alone.
 
         Parameters
@@ -449,7 +448,7 @@ class Qid2Upsampler:
         """
         from ..model.data import sh_prior_matrix
 
-        return sh_prior_matrix(bvecs_in, bvecs_out)
+        return sh_prior_matrix(bvecs_in, bvecs_out, self.config.prior_lambda)
 
     # ------------------------------------------------------------------ Upsampler protocol
 
@@ -584,8 +583,6 @@ class Qid2Upsampler:
             ``batch_size`` (requested, and the last one used), ``slice_axis``, ``prior``.
 
         """
-        from ..model.data import SH_PRIOR_LAMBDA
-
         return {
             "model_id": self.info["model_id"],
             "model_sha256": self.info["sha256"],
@@ -600,7 +597,7 @@ class Qid2Upsampler:
             "batch_size_used": self._batch_used,
             "slice_axis": self.slice_axis,
             "crop_margin": CROP_MARGIN,
-            "prior": {"engine": "sh", "order": "auto", "lambda": SH_PRIOR_LAMBDA},
+            "prior": {"engine": "sh", "order": "auto", "lambda": self.config.prior_lambda},
             "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
             "outside_mask": "SH prior (uncertainty 0)",
             "adaptation": {

@@ -184,6 +184,7 @@ def adapt_network(
         "min_keep": kept[0],
         "max_keep": kept[1],
         "augmentation": aug,
+        "prior_lambda": config.prior_lambda,
     }
     losses = []
     adapted.train()

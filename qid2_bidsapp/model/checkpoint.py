@@ -253,20 +253,7 @@ def load_model(
     """
     folder = Path(folder)
     sums = verify_model_folder(folder)
-    config_path = folder / CONFIG_NAME
-    try:
-        document = json.loads(config_path.read_text())
-        if document.get("format") != MODEL_FORMAT:
-            raise ValueError(f"format is {document.get('format')!r}, expected {MODEL_FORMAT!r}")
-        if document.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ValueError(
-                f"format_version {document.get('format_version')!r} is not supported "
-                f"(this version reads {MODEL_FORMAT_VERSION})"
-            )
-        config = ModelConfig.from_dict(document["model"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(config_path, f"is not a valid qid2 model config: {err}") from err
-
+    config, document = _read_config(folder / CONFIG_NAME)
     weights_path = folder / WEIGHTS_NAME
     try:
         tensors = load_file(str(weights_path), device="cpu")
@@ -286,6 +273,45 @@ def load_model(
         "normalisation": document.get("normalisation", {}),
     }
     return network, config, info
+
+
+def read_model_config(folder: str | PathLike) -> ModelConfig:
+    """Read a model folder's configuration (without loading or verifying the weights).
+
+    Parameters
+    ----------
+    folder : str or PathLike
+        A folder written by `save_model`.
+
+    Returns
+    -------
+    ModelConfig
+
+    Raises
+    ------
+    InputError
+        For a missing or invalid ``config.json``.
+
+    """
+    return _read_config(Path(folder) / CONFIG_NAME)[0]
+
+
+def _read_config(config_path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Parse a model's ``config.json``: (the model configuration, the whole document)."""
+    try:
+        document = json.loads(config_path.read_text())
+        if document.get("format") != MODEL_FORMAT:
+            raise ValueError(f"format is {document.get('format')!r}, expected {MODEL_FORMAT!r}")
+        if document.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {document.get('format_version')!r} is not supported "
+                f"(this version reads {MODEL_FORMAT_VERSION})"
+            )
+        return ModelConfig.from_dict(document["model"]), document
+    except OSError as err:
+        raise InputError(config_path, f"cannot be read ({err.strerror or err})") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(config_path, f"is not a valid qid2 model config: {err}") from err
 
 
 def _check_tensors(path: Path, network: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -64,6 +64,9 @@ class ModelConfig:
         (requires ``prediction_type="sample"``). MONAI zero-initialises the U-Net's output
         convolution, so an untrained model returns the prior exactly and training can only
         move away from it where the data say so.
+    prior_lambda : float
+        Laplace–Beltrami weight λ of the SH prior (order from the direction count). Models
+        written before this field existed used 0.006, the default.
     version : str
         Layout version of this configuration (`CONFIG_VERSION`).
 
@@ -83,6 +86,7 @@ class ModelConfig:
     signal_clip: float = 1.5
     context_slices: int = 0
     prior_residual: bool = False
+    prior_lambda: float = 0.006
     sampler_defaults: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER))
     version: str = field(default=CONFIG_VERSION)
 
@@ -164,6 +168,8 @@ class ModelConfig:
             )
         if not self.signal_clip > 0:
             raise ValueError(f"signal_clip must be > 0, got {self.signal_clip}")
+        if not self.prior_lambda >= 0:
+            raise ValueError(f"prior_lambda must be >= 0, got {self.prior_lambda}")
         if self.prior_residual and self.prediction_type != "sample":
             raise ValueError(
                 "prior_residual needs prediction_type 'sample' (the network output is the "

@@ -16,7 +16,8 @@ Frames and conventions
   conversion; inference must use the same function. The SH prior and the choice of references
   do not depend on the frame (both are invariant to rotations and reflections).
 * **SH prior.** `sh_prior_for_target` (also used by the inference engine): regularised SH fit of
-  the kept directions, order `sh_order_for(K)`, λ = `SH_PRIOR_LAMBDA`, evaluated at the target.
+  the kept directions, order `sh_order_for(K)`, λ = the model's ``prior_lambda`` (default
+  `SH_PRIOR_LAMBDA`), evaluated at the target.
   It is applied to the raw signal and normalised afterwards (it is linear, so this equals the
   fit of ``S/S0`` up to the clip of `normalise_signal`).
 * **Model inputs.** `model_inputs` normalises target, references and prior by the mean b=0
@@ -50,7 +51,7 @@ from .conditioning import (
     to_model_space,
 )
 
-#: Laplace–Beltrami weight of the SH prior (the ``sh`` engine's default).
+#: Laplace–Beltrami weight of the SH prior by default (the ``sh`` engine's default).
 SH_PRIOR_LAMBDA = 0.006
 
 #: Fewest kept (input) directions in a training example.
@@ -98,7 +99,9 @@ def _axis_order(slice_axis: int) -> list[int]:
     return [a for a in range(3) if a != slice_axis] + [slice_axis]
 
 
-def sh_prior_matrix(bvecs_kept: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def sh_prior_matrix(
+    bvecs_kept: np.ndarray, targets: np.ndarray, lam: float = SH_PRIOR_LAMBDA
+) -> np.ndarray:
     """Matrix of the SH prior: kept directions to target directions.
 
     Parameters
@@ -107,21 +110,26 @@ def sh_prior_matrix(bvecs_kept: np.ndarray, targets: np.ndarray) -> np.ndarray:
         Directions of the input (kept or acquired) volumes.
     targets : ndarray, shape (M, 3)
         Target directions.
+    lam : float
+        Laplace–Beltrami weight (the model's ``prior_lambda``).
 
     Returns
     -------
     ndarray, shape (M, K)
-        ``sh_prediction_matrix(bvecs_kept, targets, sh_order_for(K), SH_PRIOR_LAMBDA)``.
+        ``sh_prediction_matrix(bvecs_kept, targets, sh_order_for(K), lam)``.
 
     """
     bvecs_kept = np.asarray(bvecs_kept, dtype=np.float64).reshape(-1, 3)
     targets = np.asarray(targets, dtype=np.float64).reshape(-1, 3)
     order = sh_order_for(len(bvecs_kept))
-    return sh_prediction_matrix(bvecs_kept, targets, order, SH_PRIOR_LAMBDA)
+    return sh_prediction_matrix(bvecs_kept, targets, order, lam)
 
 
 def sh_prior_for_target(
-    signal_kept: np.ndarray, bvecs_kept: np.ndarray, target: np.ndarray
+    signal_kept: np.ndarray,
+    bvecs_kept: np.ndarray,
+    target: np.ndarray,
+    lam: float = SH_PRIOR_LAMBDA,
 ) -> np.ndarray:
     """SH prior of one target direction: the same computation in training and inference.
 
@@ -133,6 +141,8 @@ def sh_prior_for_target(
         Their directions.
     target : ndarray, shape (3,)
         The target direction.
+    lam : float
+        Laplace–Beltrami weight (the model's ``prior_lambda``).
 
     Returns
     -------
@@ -141,7 +151,7 @@ def sh_prior_for_target(
 
     """
     signal_kept = np.asarray(signal_kept)
-    weights = sh_prior_matrix(bvecs_kept, np.asarray(target).reshape(1, 3))[0]
+    weights = sh_prior_matrix(bvecs_kept, np.asarray(target).reshape(1, 3), lam)[0]
     if signal_kept.shape[-1] != weights.size:
         raise ValueError(
             f"signal_kept has {signal_kept.shape[-1]} volumes, bvecs_kept {weights.size}"
@@ -696,6 +706,7 @@ def make_example(
     augmentation: Augmentation | None = None,
     clean_target: bool = False,
     angle_deg: float | None = None,
+    prior_lambda: float = SH_PRIOR_LAMBDA,
 ) -> dict:
     """Build one self-supervised training example from a prepared volume.
 
@@ -719,6 +730,8 @@ def make_example(
         Take the target from ``volume.clean`` when the source provides it.
     angle_deg : float, optional
         Force the rotation angle (tests); otherwise drawn from `augmentation`.
+    prior_lambda : float
+        λ of the SH prior (the model's ``prior_lambda``).
 
     Returns
     -------
@@ -762,7 +775,7 @@ def make_example(
         if rng.uniform() < aug.noise_prob:
             kept, b0 = _extra_noise(kept, b0, mask, aug, volume.n_b0, rng)
 
-    prior = sh_prior_for_target(kept, bvecs_kept, bvec_target)
+    prior = sh_prior_for_target(kept, bvecs_kept, bvec_target, prior_lambda)
     refs = select_references(bvec_target, bvecs_kept, n_references)
     condition = model_inputs(np.moveaxis(kept[..., refs], -1, 0), prior, b0, clip)
     target_model = to_model_space(normalise_signal(target, b0, clip), clip)

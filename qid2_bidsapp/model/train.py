@@ -36,13 +36,18 @@ import torch
 from .. import __version__
 from ..engines.sh import ORDER_RULE
 from ..errors import Qid2Error
-from .checkpoint import load_training_state, save_model, save_training_state
+from .checkpoint import (
+    load_model,
+    load_training_state,
+    read_model_config,
+    save_model,
+    save_training_state,
+)
 from .conditioning import from_model_space
 from .config import ModelConfig
 from .data import (
     DEFAULT_CROP,
     DEFAULT_MIN_KEEP,
-    SH_PRIOR_LAMBDA,
     Augmentation,
     BidsSource,
     ExampleSampler,
@@ -100,7 +105,13 @@ class TrainConfig:
         Held-out sources for validation (same format). Empty: validation examples are drawn
         (without augmentation) from the training volumes, which only checks fitting.
     model : dict
-        ``{"preset": "default" | "tiny", ...ModelConfig fields to override}``.
+        ``{"preset": "default" | "small" | "tiny", ...ModelConfig fields to override}``
+        (no preset: ``default``; with `init_model`: the initial model's configuration).
+    init_model : str or None
+        A model folder (`checkpoint.save_model`) whose weights the network starts from: a
+        fine-tune of the shipped model on a site's own scans, or with a changed
+        ``prior_lambda`` or ``sampler_defaults`` (``model`` overrides; fields that change the
+        architecture are refused when the weights are loaded). Relative to the config file.
     output : str
         Output folder (state, log, model).
     name : str
@@ -160,7 +171,8 @@ class TrainConfig:
 
     sources: list[dict]
     validation_sources: list[dict] = field(default_factory=list)
-    model: dict = field(default_factory=lambda: {"preset": "default"})
+    model: dict = field(default_factory=dict)
+    init_model: str | None = None
     output: str = "qid2-training"
     name: str = "qid2-model"
     crop: int = DEFAULT_CROP
@@ -248,12 +260,20 @@ class TrainConfig:
 
         """
         values = dict(self.model)
-        preset = values.pop("preset", "default")
-        if preset not in PRESETS:
+        preset = values.pop("preset", None)
+        if self.init_model is not None:
+            if preset is not None:
+                raise Qid2Error(
+                    "config: give either model.preset or init_model (whose configuration the "
+                    "model then has), not both"
+                )
+            base = read_model_config(Path(self.init_model)).to_dict()
+        elif (preset or "default") not in PRESETS:
             raise Qid2Error(
                 f"config: model preset must be one of {sorted(PRESETS)}, got {preset!r}"
             )
-        base = PRESETS[preset]().to_dict()
+        else:
+            base = PRESETS[preset or "default"]().to_dict()
         unknown = sorted(set(values) - set(base))
         if unknown:
             raise Qid2Error(f"config: unknown model field(s): {', '.join(unknown)}")
@@ -320,6 +340,8 @@ class TrainConfig:
         values = dict(values)
         for key in ("sources", "validation_sources"):
             values[key] = [_resolve_source(s, base) for s in values.get(key) or []]
+        if values.get("init_model"):
+            values["init_model"] = str(_resolve(values["init_model"], base))
         output = values.get("output")
         values["output"] = str(_resolve(output, base) if output else Path.cwd() / cls.output)
         try:
@@ -568,6 +590,7 @@ class Trainer:
             torch.set_num_threads(int(config.num_threads))
         torch.manual_seed(config.seed)
         self.network = Qid2Network(self.model_config).to(self.device)
+        self.init_info = self._initial_weights()
         self.optimizer = torch.optim.Adam(
             self.network.parameters(),
             lr=config.lr,
@@ -589,6 +612,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _initial_weights(self) -> dict[str, Any] | None:
+        """Load ``init_model``'s weights into the network; return its id and checksum."""
+        if self.config.init_model is None:
+            return None
+        network, _, info = load_model(self.config.init_model, device="cpu")
+        try:
+            self.network.load_state_dict(network.state_dict())
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()
+            raise Qid2Error(
+                f"config: init_model {self.config.init_model}: its weights do not fit the "
+                f"configured network (a model field changes the architecture): {first}"
+            ) from None
+        return {"model_id": info["model_id"], "sha256": info["sha256"], "folder": info["folder"]}
+
     def _amp_dtype(self) -> torch.dtype | None:
         if not self.config.amp or self.device.type != "cuda":
             return None
@@ -603,6 +641,7 @@ class Trainer:
             "min_keep": cfg.min_keep,
             "max_keep": cfg.max_keep,
             "clean_target": cfg.clean_target,
+            "prior_lambda": self.model_config.prior_lambda,
         }
 
     def _load_data(self) -> None:
@@ -1123,7 +1162,12 @@ def training_record(trainer: Trainer) -> dict[str, Any]:
         "lr_history": lr_history(Path(cfg.output) / LOG_NAME),
         "loss": f"{trainer.model_config.prediction_type} MSE inside the brain mask, "
         f"timesteps uniform in 0..{trainer._n_timesteps - 1}",
-        "sh_prior": {"lambda": SH_PRIOR_LAMBDA, "order": ORDER_RULE, "basis": "descoteaux07"},
+        "sh_prior": {
+            "lambda": trainer.model_config.prior_lambda,
+            "order": ORDER_RULE,
+            "basis": "descoteaux07",
+        },
+        "init_model": trainer.init_info,
         "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
         "seed": cfg.seed,
         "wall_time_s": round(trainer.wall_s, 1),
