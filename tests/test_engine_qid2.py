@@ -595,3 +595,27 @@ def test_app_end_to_end_with_the_qid2_engine(example_bids_ro, tiny_model, tmp_pa
     assert figure.stat().st_size > 0 and figure.name in report
     assert "Uncertainty of the diffusion engine" in report
     assert_valid_derivative(out)
+
+
+def test_channels_last_on_the_cpu_changes_only_the_rounding(tiny_model, volume, reference):
+    """The CPU runs the network with channels-last weights, and gives them back unchanged."""
+    from qid2_bidsapp.model import inference
+
+    engine = _engine(tiny_model)
+    weights = {k: v.clone() for k, v in engine.network.state_dict().items()}
+    previous = inference.CPU_CHANNELS_LAST
+    try:
+        inference.CPU_CHANNELS_LAST = False
+        mean, std = _run(engine, volume)
+    finally:
+        inference.CPU_CHANNELS_LAST = previous
+    _close(mean, reference[0])
+    _close(std, reference[1])
+    _run(engine, volume)  # channels-last (the default) once more: the layout is restored
+    for name, value in engine.network.state_dict().items():
+        assert value.is_contiguous(), name
+        assert torch.equal(value, weights[name]), name
+    with inference.cpu_channels_last(engine.network, torch.device("cpu"), enabled=True):
+        convs = [p for p in engine.network.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        assert not all(p.is_contiguous() for p in convs)

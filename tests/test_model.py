@@ -569,3 +569,29 @@ def test_training_state_round_trip(tmp_path):
     assert optimizer2.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
     with pytest.raises(InputError, match="missing"):
         load_training_state(tmp_path / "none.pt", net2)
+
+
+def test_fused_attention_matches_monai_attention():
+    """Fused (SDPA) and explicit (einsum-softmax) attention: same weights, same output."""
+    from qid2_bidsapp.model.network import set_fused_attention
+
+    net, cfg = _tiny_network()
+    plain = Qid2Network(cfg, fused_attention=False)
+    assert list(plain.state_dict()) == list(net.state_dict())  # no parameters involved
+    blocks = [m for m in net.modules() if hasattr(m, "use_flash_attention")]
+    assert blocks and all(m.use_flash_attention for m in blocks)  # the default
+    assert not any(
+        m.use_flash_attention for m in plain.modules() if hasattr(m, "use_flash_attention")
+    )
+    condition, tokens = _inputs(cfg)
+    x = torch.rand((2, 1, H, W), generator=torch.Generator().manual_seed(7)) * 2 - 1
+    t = torch.tensor([10, 600])
+    with torch.no_grad():
+        fused = net(x, condition, t, tokens)
+        assert set_fused_attention(net, False) == len(blocks)
+        explicit = net(x, condition, t, tokens)
+        set_fused_attention(net, True)
+        again = net(x, condition, t, tokens)
+    assert explicit.abs().mean() > 1e-3
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, fused, rtol=0, atol=0)
