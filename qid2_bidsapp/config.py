@@ -36,7 +36,6 @@ class Config:
     sampler_t_start: int | None = 200
     temperature: float = 1.0
     n_samples: int | None = None
-    adapt_steps: int = 0
     device: str = "auto"
     batch_size: int | None = None
     work_dir: Path = Path("work")
@@ -80,7 +79,6 @@ class Config:
             "t_start": self.sampler_t_start,
             "temperature": self.temperature,
             "n_samples": self.n_samples,
-            "adapt_steps": self.adapt_steps,
             "seed": self.random_seed,
             "device": self.device,
             "batch_size": self.batch_size,

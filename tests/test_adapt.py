@@ -116,12 +116,16 @@ def test_a_shell_too_small_to_learn_from_is_not_adapted(tiny_model, shell):
     assert "no shell with more than 6 directions" in record["skipped"]
 
 
-def test_the_option_reaches_the_engine(tiny_model, tmp_path):
+def test_the_evaluation_harness_takes_adaptation_variants():
+    from qid2_bidsapp.cli.eval import _variant
+
+    name, options = _variant("a50:adapt=50,adapt_lr=1e-5")
+    assert name == "a50" and options == {"adapt_steps": 50, "adapt_lr": 1e-5}
+
+
+def test_the_app_has_no_adapt_option(tmp_path):
+    """Not kept on the app: it did not measurably help (docs/results.md)."""
     from qid2_bidsapp.cli.run import _config_from_args
 
-    args = [str(tmp_path), str(tmp_path / "out"), "participant", "--model", str(tiny_model)]
-    assert _config_from_args(args).engine_options["adapt_steps"] == 0
-    config = _config_from_args([*args, "--adapt-steps", "25"])
-    assert config.engine_options["adapt_steps"] == 25
     with pytest.raises(SystemExit):
-        _config_from_args([*args, "--adapt-steps", "-1"])
+        _config_from_args([str(tmp_path), str(tmp_path / "o"), "participant", "--adapt-steps", "5"])

@@ -225,15 +225,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "(shipped model: 4 on a GPU, 2 on the CPU)",
     )
     model.add_argument(
-        "--adapt-steps",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="fine-tune the model for N steps on the subject's own acquired directions "
-        "(self-supervised: some are hidden and predicted from the rest) before synthesising "
-        "each shell; 0 (default) uses the model as shipped",
-    )
-    model.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
