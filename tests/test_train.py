@@ -478,6 +478,8 @@ def test_init_model_starts_from_its_weights_with_overrides(tmp_path):
     assert tuned_config.prior_lambda == 0.0006
     assert tuned["training"]["sh_prior"]["lambda"] == 0.0006
     assert tuned["training"]["init_model"]["sha256"] == info["sha256"]
+    assert f"Fine-tuned from model `{info['model_id']}`" in (folder / "MODEL_CARD.md").read_text()
+    assert "Started from random weights" in (base / "MODEL_CARD.md").read_text()
 
 
 def test_init_model_errors(tmp_path):

@@ -1226,6 +1226,12 @@ def _lr_text(record: dict[str, Any]) -> str:
     )
 
 
+def _init_lines(init: dict | None) -> list[str]:
+    if not init:
+        return ["- Started from random weights."]
+    return [f"- Fine-tuned from model `{init['model_id']}` (weights sha256 {init['sha256']})."]
+
+
 def model_card(record: dict[str, Any]) -> str:
     """Markdown model card from a training record.
 
@@ -1263,6 +1269,7 @@ def model_card(record: dict[str, Any]) -> str:
         f"{record['optimizer']['betas']}; loss: {record['loss']}.",
         f"- Augmentation: {record['augmentation']}.",
         f"- SH prior: λ = {record['sh_prior']['lambda']}, order: {record['sh_prior']['order']}.",
+        *_init_lines(record.get("init_model")),
         f"- Wall time {record['wall_time_s']} s on {record['hardware']['device']} "
         f"({record['hardware'].get('gpu', record['hardware']['cpu'])}, torch "
         f"{record['hardware']['torch']}), seed {record['seed']}.",
