@@ -26,7 +26,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 pytest.importorskip("einops")
 
-from qid2_bidsapp.model.checkpoint import save_model  # noqa: E402
 from qid2_bidsapp.model.inference import (  # noqa: E402
     CPU_MAX_PAIRS,
     SamplerSettings,
@@ -38,10 +37,9 @@ from qid2_bidsapp.model.inference import (  # noqa: E402
     run_pairs,
     sample_pairs,
 )
-from qid2_bidsapp.model.network import Qid2Network  # noqa: E402
 from qid2_bidsapp.model.sampler import Qid2Sampler  # noqa: E402
 
-from .helpers import randomise_weights as _randomise  # noqa: E402
+from .helpers import save_tiny_random_model  # noqa: E402
 
 SHAPE = (20, 18, 4)
 BVAL = 1000.0
@@ -54,16 +52,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny model folder with random weights."""
-    cfg = ModelConfig.tiny()
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(
-        folder,
-        _randomise(Qid2Network(cfg)),
-        cfg,
-        training={"note": "random weights for tests"},
-        card="# tiny random model (tests only)\n",
-    )
-    return folder
+    return save_tiny_random_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")
