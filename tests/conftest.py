@@ -45,3 +45,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A model folder holding the tiny preset with random weights (needs torch and MONAI)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    from .helpers import save_tiny_random_model
+
+    return save_tiny_random_model(tmp_path_factory.mktemp("models") / "tiny")

@@ -14,19 +14,12 @@ from qid2_bidsapp.engines.base import get_engine  # noqa: E402
 from qid2_bidsapp.model.adapt import AdaptSettings, adapt_network, subject_volume  # noqa: E402
 from qid2_bidsapp.model.checkpoint import load_model  # noqa: E402
 
-from .helpers import save_tiny_random_model  # noqa: E402
-
 SHAPE = (24, 22, 3)
 BVAL = 1000.0
 FAST = {"n_steps": 2, "n_samples": 2, "device": "cpu"}
 AFFINE = np.diag([-2.0, 2.0, 2.0, 1.0])
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return save_tiny_random_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -39,20 +39,12 @@ from qid2_bidsapp.model.inference import (  # noqa: E402
 )
 from qid2_bidsapp.model.sampler import Qid2Sampler  # noqa: E402
 
-from .helpers import save_tiny_random_model  # noqa: E402
-
 SHAPE = (20, 18, 4)
 BVAL = 1000.0
 FAST = {"n_steps": 2, "n_samples": 3, "device": "cpu"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny model folder with random weights."""
-    return save_tiny_random_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")
