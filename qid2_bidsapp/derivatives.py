@@ -135,41 +135,60 @@ def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
             )
 
 
-def default_file_mode() -> int:
-    """Return the mode a newly created file gets under the current umask (``0o666 & ~umask``).
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w", **kwargs) -> Iterator:
+    """Open a file so that readers see either the old or the complete new content.
 
-    `tempfile.mkstemp` creates files readable by their owner only; files published from one
-    are given this mode so that group members see reports as they see every other output.
-
-    Returns
-    -------
-    int
-
-    """
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so readers see either the old or the complete new content.
+    The data go to a hidden temporary file in the same folder (created with ``open``, so with
+    the umask's mode like every other output), which replaces `path` when the block ends
+    without an error; on an error it is removed and `path` is left as it was.
 
     Parameters
     ----------
     path : Path
-        Destination.
-    text : str
-        Content.
+        Destination; its folder is created when missing.
+    mode : {"w", "wb"}
+        Text or binary.
+    **kwargs
+        Passed to `open` (e.g. ``encoding``).
+
+    Yields
+    ------
+    file object
 
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, mode.replace("w", "x"), **kwargs) as handle:
+            yield handle
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write a UTF-8 text file atomically (`atomic_open`).
+
+    Parameters
+    ----------
+    path : Path
+        Destination; its folder is created when missing.
+    text : str
+        Content.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    """
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 @contextlib.contextmanager

@@ -85,12 +85,12 @@ def test_reports_and_figures_get_the_umask_mode_not_owner_only(tmp_path):
 
     import matplotlib.figure
 
+    from qid2_bidsapp.derivatives import atomic_write_text
     from qid2_bidsapp.reports.figures import save_figure
-    from qid2_bidsapp.reports.subject import write_text_atomic
 
     previous = os.umask(0o022)
     try:
-        page = write_text_atomic(tmp_path / "sub-01.html", "<html></html>")
+        page = atomic_write_text(tmp_path / "sub-01.html", "<html></html>")
         png = save_figure(matplotlib.figure.Figure(), tmp_path / "f.png")
     finally:
         os.umask(previous)

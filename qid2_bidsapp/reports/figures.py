@@ -10,8 +10,6 @@ and plotting is safe in worker threads and processes.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..derivatives import default_file_mode
+from ..derivatives import atomic_open
 
 __all__ = [
     "fold_to_hemisphere",
@@ -61,18 +59,9 @@ def save_figure(fig: Figure, out_path: Path, *, dpi: int = DPI) -> Path:
         ``out_path``.
 
     """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp makes it owner-only
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    with atomic_open(out_path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(out_path)
 
 
 def _new_figure(width: float, height: float) -> Figure:

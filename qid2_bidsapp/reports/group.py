@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..derivatives import atomic_write_text
 from ..errors import InputError
 from . import figures
 from .subject import (
@@ -20,7 +21,6 @@ from .subject import (
     format_value,
     read_tsv,
     render_template,
-    write_text_atomic,
 )
 
 __all__ = ["build_group_report", "collect_qc", "robust_outliers"]
@@ -261,7 +261,7 @@ def build_group_report(output_dir: Path) -> tuple[Path, Path]:
     columns, rows, paths = collect_qc(output_dir)
     if not rows:
         raise InputError(output_dir, NO_OUTPUTS)
-    tsv = write_text_atomic(output_dir / "group_qc.tsv", _tsv_text(columns, rows))
+    tsv = atomic_write_text(output_dir / "group_qc.tsv", _tsv_text(columns, rows))
     subjects = sorted({str(r.get("subject", "")).removeprefix("sub-") for r in rows})
     html = render_template(
         "group.html.j2",
@@ -285,4 +285,4 @@ def build_group_report(output_dir: Path) -> tuple[Path, Path]:
         report_version=__version__,
         generated_by=dataset_generated_by(output_dir),
     )
-    return tsv, write_text_atomic(output_dir / "group.html", html)
+    return tsv, atomic_write_text(output_dir / "group.html", html)

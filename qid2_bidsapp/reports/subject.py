@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import os
 import shlex
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..derivatives import default_file_mode
+from ..derivatives import atomic_write_text
 from ..errors import InputError
 from . import figures
 from .methods import methods_paragraph
@@ -33,7 +31,6 @@ __all__ = [
     "format_value",
     "read_tsv",
     "render_template",
-    "write_text_atomic",
 ]
 
 PREPROC_SUFFIX = "_desc-preproc_dwi.nii.gz"
@@ -68,36 +65,6 @@ TEXT_COLUMNS = frozenset({*RUN_COLUMNS, "engine"})
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a text file atomically (temporary file in the same folder, then rename).
-
-    Parameters
-    ----------
-    path : Path
-        Destination; its folder is created when missing.
-    text : str
-        Content, written as UTF-8.
-
-    Returns
-    -------
-    Path
-        ``path``.
-
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp makes it owner-only
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -986,4 +953,4 @@ def build_subject_report(output_dir: Path, subject: str, *, log_path: Path | Non
             ],
         },
     )
-    return write_text_atomic(output_dir / f"sub-{label}.html", html)
+    return atomic_write_text(output_dir / f"sub-{label}.html", html)
