@@ -712,12 +712,12 @@ def _uncertainty_figure(
             f"{len(synthesized)} synthesised volume(s): its figure is left out."
         )
         return None
-    std_mean = np.where(sl.mask, std.mean(axis=3), np.nan)
+    mean_std = std.mean(axis=3)
     signal = data[..., synthesized].mean(axis=3)
     with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(sl.mask & (signal > 0), 100.0 * std.mean(axis=3) / signal, np.nan)
+        relative = np.where(sl.mask & (signal > 0), 100.0 * mean_std / signal, np.nan)
     out = figures.plot_uncertainty(
-        std_mean,
+        np.where(sl.mask, mean_std, np.nan),
         relative,
         fig_dir / f"{run.files.prefix}_desc-uncertainty_dwimap.png",
         slice_labels=sl.labels,
