@@ -408,6 +408,11 @@ class Qid2Upsampler:
             self._device, self._dtype = device, autocast_dtype(device, self.amp)
         return self._device, self._dtype
 
+    @property
+    def frame_affine(self) -> np.ndarray:
+        """The affine that sets the FSL x flip: the volumes' own, else one with det < 0 (none)."""
+        return np.diag([-1.0, 1.0, 1.0, 1.0]) if self.affine is None else self.affine
+
     def model_frame(self, bvecs: np.ndarray) -> np.ndarray:
         """Return directions in the model frame of this engine's slice axis.
 
@@ -424,8 +429,7 @@ class Qid2Upsampler:
         """
         from ..model.data import model_frame_bvecs
 
-        affine = np.diag([-1.0, 1.0, 1.0, 1.0]) if self.affine is None else self.affine
-        return model_frame_bvecs(bvecs, affine, self.slice_axis)
+        return model_frame_bvecs(bvecs, self.frame_affine, self.slice_axis)
 
     def prior_matrix(self, bvecs_in: np.ndarray, bvecs_out: np.ndarray) -> np.ndarray:
         """Return the (M, N) map from the acquired signal to the SH prior at the targets.
@@ -558,10 +562,9 @@ class Qid2Upsampler:
             return self.network
         from ..model.adapt import adapt_network, subject_volume
 
-        affine = np.diag([-1.0, 1.0, 1.0, 1.0]) if self.affine is None else self.affine
         try:
             volume = subject_volume(
-                signal, b0, bvecs_in, bval, mask, affine, slice_axis=self.slice_axis
+                signal, b0, bvecs_in, bval, mask, self.frame_affine, slice_axis=self.slice_axis
             )
         except Qid2Error as err:  # too few directions or brain voxels to learn from
             self._adaptations.append({"bval": bval, "skipped": str(err)})
