@@ -59,7 +59,7 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- child side
 
 
-def _load_case(case: dict):
+def load_case(case: dict):
     """Return (data, table, mask, n_targets) for a case description."""
     from qid2_bidsapp.gradients import GradientTable
 
@@ -88,7 +88,7 @@ def run_child(case: dict, engine_name: str, options: dict) -> dict:
     from qid2_bidsapp.engines.base import get_engine
     from qid2_bidsapp.upsampling import plan_targets, upsample_shells
 
-    data, table, mask, n_targets = _load_case(case)
+    data, table, mask, n_targets = load_case(case)
     shells = sorted(table.shells)
     plans = plan_targets(table, shells, n_targets=n_targets)
     engine = get_engine(engine_name, **(options if engine_name == "qid2" else {}))

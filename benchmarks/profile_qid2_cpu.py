@@ -42,9 +42,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-HCP_SHAPE = (145, 174, 145)
-HCP_TARGETS = 60
+from bench_qid2 import load_case as bench_load_case  # noqa: E402
+from bench_qid2 import real_cases  # noqa: E402
+
 PRISMA = "prisma_ses-ortho"
 
 
@@ -61,39 +63,27 @@ def central(n_total: int, n: int) -> slice:
 
 
 def load_case(name: str, n_slices: int, bids: Path):
-    """Return (label, data, table, mask, n_targets) of a case, cut to its central slices."""
-    from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
-    from qid2_bidsapp.gradients import GradientTable
-    from qid2_bidsapp.upsampling import brain_mask, mean_b0
+    """Return (label, data, table, mask, n_targets) of a case, cut to its central slices.
 
+    The data come from `bench_qid2.load_case`, as in the end-to-end benchmark.
+    """
     if name == "hcp":
-        bvals = np.r_[0.0, np.full(30, 1000.0)]
-        bvecs = np.vstack([np.zeros(3), hemisphere_directions(30, 0)])
-        data, mask = phantom_signal(HCP_SHAPE, bvals, bvecs)
-        keep = central(data.shape[2], n_slices)
-        data, mask = np.ascontiguousarray(data[:, :, keep]), mask[:, :, keep]
-        return "hcp-size phantom", data, GradientTable(bvals, bvecs), mask, HCP_TARGETS
-    run = None
-    if (bids / "dataset_description.json").exists():
-        from qid2_bidsapp.bids import collect_dwi_runs
+        data, table, mask, n_targets = bench_load_case({"kind": "hcp", "slices": n_slices})
+        return "hcp-size phantom", data, table, mask, n_targets
+    cases = real_cases(bids, [PRISMA])
+    if cases:
+        data, table, mask, n_targets = bench_load_case(cases[0])
+        label = f"sub-{PRISMA}"
+    else:  # no real data: a phantom of the same size
+        from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+        from qid2_bidsapp.gradients import GradientTable
 
-        run = next((r for r in collect_dwi_runs(bids) if PRISMA in r.stem), None)
-    if run is None:  # no real data: a phantom of the same size
         bvals = np.r_[0.0, np.full(20, 1000.0)]
         bvecs = np.vstack([np.zeros(3), hemisphere_directions(20, 0)])
         data, mask = phantom_signal((72, 72, 36), bvals, bvecs)
-        table, label = GradientTable(bvals, bvecs), "72x72 phantom (no real data)"
-    else:
-        from qid2_bidsapp.upsampling import load_dwi_header, read_gradients
-
-        img = load_dwi_header(run.dwi)
-        table = read_gradients(run.dwi, run.bval, run.bvec, None, img)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        mask = brain_mask(mean_b0(data, table))
-        label = f"sub-{PRISMA}"
+        table, label, n_targets = GradientTable(bvals, bvecs), "72x72 phantom (no real data)", None
     keep = central(data.shape[2], n_slices)
-    data, mask = np.ascontiguousarray(data[:, :, keep]), mask[:, :, keep]
-    return label, data, table, mask, None
+    return label, np.ascontiguousarray(data[:, :, keep]), table, mask[:, :, keep], n_targets
 
 
 class Case:
