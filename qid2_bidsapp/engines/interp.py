@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..gradients import nearest_directions
-from .sh import DEFAULT_CHUNK_VOXELS, _unit_rows, apply_direction_matrix
+from ..shm import DEFAULT_CHUNK_VOXELS, _unit_rows, apply_direction_matrix
 
 
 def _target_weights(target: np.ndarray, references: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from ..engines.sh import sh_basis_matrix
 from ..qc import masked_mae, masked_nrmse, resolve_mask
+from ..shm import sh_basis_matrix
 
 #: SSIM constants and Gaussian window of Wang et al. (IEEE TIP 2004).
 SSIM_K1 = 0.01

@@ -41,9 +41,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from scipy import ndimage
 
-from ..engines.sh import sh_order_for, sh_prediction_matrix
 from ..errors import InputError, Qid2Error
 from ..gradients import GradientTable, select_target_directions
+from ..shm import sh_order_for, sh_prediction_matrix
 from .conditioning import (
     direction_tokens,
     normalise_signal,

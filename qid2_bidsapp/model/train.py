@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..engines.sh import ORDER_RULE
 from ..errors import Qid2Error
+from ..shm import ORDER_RULE
 from .checkpoint import (
     load_model,
     load_training_state,
