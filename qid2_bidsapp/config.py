@@ -33,7 +33,7 @@ class Config:
     random_seed: int = 0
     model: Path | None = None
     sampler_steps: int | None = None
-    sampler_t_start: int | None = 200
+    sampler_t_start: int | str | None = None
     temperature: float = 1.0
     n_samples: int | None = None
     device: str = "auto"

@@ -265,6 +265,9 @@ def upsample_shells(
 
     """
     b0 = mean_b0(data, table)
+    configure = getattr(engine, "set_acquisition", None)
+    if callable(configure):  # engines conditioned on the S0 noise (qid2 SH-field models)
+        configure(n_b0=int(np.count_nonzero(table.b0_mask)))
     volumes, bvals, bvecs, runtimes = [], [], [], {}
     for plan in plans:
         start = time.perf_counter()

@@ -96,3 +96,54 @@ def save_tiny_random_model(folder: Path) -> Path:
         card="# tiny random model (tests only)\n",
     )
     return folder
+
+
+def save_tiny_field_model(folder: Path, *, random: bool = True) -> Path:
+    """Write a model folder holding a tiny SH-field model (random or untrained weights)."""
+    from qid2_bidsapp.model.checkpoint import save_model
+    from qid2_bidsapp.model.field_config import FieldConfig
+    from qid2_bidsapp.model.field_network import ShFieldNetwork
+
+    cfg = FieldConfig.tiny()
+    network = ShFieldNetwork(cfg)
+    if random:
+        randomise_weights(network)
+    save_model(
+        folder,
+        network,
+        cfg,
+        training={"note": "weights for tests"},
+        card="# tiny SH-field model (tests only)\n",
+    )
+    return folder
+
+
+def tensor_coefficient_slab(seed: int = 0, shape=(24, 24, 4), bval: float = 1000.0):
+    """A CoefficientSlab of a smooth random tensor field (no simulator drivers needed)."""
+    from qid2_bidsapp.shm import sh_fit_matrix
+    from qid2_bidsapp.sim.protocol import uniform_shell
+    from qid2_bidsapp.sim.slabs import CoefficientSlab
+
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(0, np.pi, n) for n in shape], indexing="ij")
+    angle = rng.uniform(0, np.pi) + x + 0.5 * y
+    axis = np.stack([np.cos(angle), np.sin(angle), 0.3 * np.cos(z)], axis=-1)
+    axis /= np.linalg.norm(axis, axis=-1, keepdims=True)
+    fa_like = 0.4 + 0.4 * np.sin(x + y) ** 2
+    lam_par, lam_perp = 1.7e-3, 1.7e-3 * (1 - fa_like)
+    dense = uniform_shell(90, seed=seed)
+    cos2 = (axis @ dense.T) ** 2
+    ratio = np.exp(-bval * (lam_perp[..., None] + (lam_par - lam_perp)[..., None] * cos2))
+    coefs = (ratio @ sh_fit_matrix(dense, 6, 0.0).T).astype(np.float16)
+    s0 = (1000.0 * (1.0 + 0.2 * np.cos(y))).astype(np.float32)
+    mask = np.ones(shape, bool)
+    mask[:2] = False
+    return CoefficientSlab(
+        coefs=coefs,
+        s0=s0,
+        mask=mask,
+        bval=bval,
+        s0_reference=1000.0,
+        voxel_size=np.array([2.0, 2.0, 2.0]),
+        name=f"tensor-slab-{seed}",
+    )

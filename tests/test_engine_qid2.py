@@ -138,7 +138,7 @@ def test_zero_temperature_is_deterministic_and_single_sample_has_zero_std(tiny_m
 
 
 def test_full_chain_from_noise(tiny_model, volume):
-    mean, std = _run(_engine(tiny_model, t_start=None), volume)
+    mean, std = _run(_engine(tiny_model, t_start="noise"), volume)
     assert np.isfinite(mean).all() and mean.min() >= 0 and std.max() > 0
 
 
@@ -474,13 +474,13 @@ def test_cli_options_reach_the_engine(tiny_model, tmp_path):
     options = config.engine_options
     assert options["model_dir"] == str(tiny_model)
     assert options["expected_sha256"] == listed_weights_sha256(tiny_model)
-    assert (options["n_steps"], options["t_start"], options["temperature"]) == (3, None, 0.5)
+    assert (options["n_steps"], options["t_start"], options["temperature"]) == (3, "noise", 0.5)
     assert (options["n_samples"], options["device"], options["batch_size"]) == (2, "cpu", 5)
     assert options["seed"] == 9
     engine = get_engine("qid2", **options)
     assert engine.settings()["sampler"]["t_start"] is None
     restored = Config.from_json(config.to_json(tmp_path / "c.json") or tmp_path / "c.json")
-    assert restored.model == tiny_model and restored.sampler_t_start is None
+    assert restored.model == tiny_model and restored.sampler_t_start == "noise"
     sh = Config(bids_dir=tmp_path, output_dir=tmp_path / "o", engine="sh")
     assert set(sh.engine_options) == {"sh_order", "sh_lambda"}
 

@@ -19,7 +19,7 @@ DEFAULT_METHODS = "sh,interp,none,qid2,mrtrix"
 #: ``--qid2-variant`` keys and the engine options they set.
 VARIANT_KEYS = {
     "steps": ("n_steps", int),
-    "t_start": ("t_start", lambda v: None if v.lower() == "noise" else int(v)),
+    "t_start": ("t_start", lambda v: "noise" if v.lower() == "noise" else int(v)),
     "temperature": ("temperature", float),
     "samples": ("n_samples", int),
     "eta": ("eta", float),
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="default: the model's setting for the device, as in the app",
     )
-    meth.add_argument("--sampler-t-start", type=_t_start, default=200, metavar="T")
+    meth.add_argument("--sampler-t-start", type=_t_start, metavar="T")
     meth.add_argument("--temperature", type=float, default=1.0, metavar="τ")
     meth.add_argument(
         "--n-samples",

@@ -38,9 +38,9 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
-def _t_start(value: str) -> int | None:
+def _t_start(value: str) -> int | str:
     if value.strip().lower() == "noise":
-        return None
+        return "noise"
     try:
         return _non_negative_int(value)
     except ValueError:
@@ -203,11 +203,10 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--sampler-t-start",
         type=_t_start,
-        default=200,
         metavar="T",
         help="first timestep of the truncated chain, which starts from the SH prediction "
         "noised to T (smaller: closer to the SH prior); 'noise' runs the full chain from pure "
-        "noise",
+        "noise; default: the model's setting",
     )
     model.add_argument(
         "--temperature",

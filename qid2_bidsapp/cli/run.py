@@ -29,7 +29,7 @@ def _parse_args(argv: list[str] | None) -> tuple[Config, dict]:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if (
-        args.sampler_t_start is not None
+        isinstance(args.sampler_t_start, int)
         and args.sampler_steps is not None
         and args.sampler_steps > args.sampler_t_start + 1
     ):

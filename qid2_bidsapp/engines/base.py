@@ -141,6 +141,12 @@ class UncertaintyRecorder:
         self.maps.append(np.asarray(std, dtype=np.float32))
         return mean
 
+    def set_acquisition(self, **facts) -> None:
+        """Pass acquisition facts (``n_b0``) to the wrapped engine when it takes them."""
+        configure = getattr(self.engine, "set_acquisition", None)
+        if callable(configure):
+            configure(**facts)
+
     def settings(self) -> dict:
         """Return the wrapped engine's settings."""
         return self.engine.settings()

@@ -31,6 +31,12 @@ MODEL_ENV = "QID2_MODEL_DIR"
 #: Voxels kept around the brain mask's bounding box in every slice.
 CROP_MARGIN = 4
 DEVICES = ("auto", "cpu", "cuda")
+#: ``t_start`` value that runs the full chain from pure noise.
+T_START_NOISE = "noise"
+#: ``t_start`` of models whose sampler defaults name none (the per-target QID² models).
+DEFAULT_T_START = 200
+#: Kind of the per-target QID² models (their config.json has no ``kind``).
+PER_TARGET_KIND = "per-target"
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
 
@@ -279,9 +285,10 @@ class Qid2Upsampler:
     n_steps : int, optional
         DDIM steps per sample; default: the model's ``sampler_defaults`` for the device kind
         (CPU or CUDA) this engine will run on.
-    t_start : int or None
-        First timestep of the truncated chain (started from the SH prior noised to it); None
-        runs the full chain from pure noise.
+    t_start : int, "noise" or None
+        First timestep of the truncated chain (started from the SH prior noised to it);
+        ``"noise"`` runs the full chain from pure noise; None: the model's setting for the
+        device (200 for per-target models without one).
     temperature : float
         Noise scale (0: deterministic).
     n_samples : int, optional
@@ -330,7 +337,7 @@ class Qid2Upsampler:
         model_dir: str | os.PathLike,
         *,
         n_steps: int | None = None,
-        t_start: int | None = 200,
+        t_start: int | str | None = None,
         temperature: float = 1.0,
         n_samples: int | None = None,
         seed: int = 0,
@@ -363,8 +370,13 @@ class Qid2Upsampler:
                 raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
         with _torch_threads(1):
             self.network, self.config, self.info = load_model(model_dir, device="cpu")
+        self.kind = getattr(self.config, "kind", PER_TARGET_KIND)
         kind = "cuda" if str(device) != "cpu" and qid2_uses_cuda(str(device)) else "cpu"
         defaults = self.config.sampler_defaults[kind]
+        if t_start is None:  # the model's setting (per-target models: 200, as before)
+            t_start = defaults.get("t_start", DEFAULT_T_START)
+        elif t_start == T_START_NOISE:
+            t_start = None
         self.sampler_settings = SamplerSettings(
             n_steps=int(defaults["n_steps"] if n_steps is None else n_steps),
             t_start=None if t_start is None else int(t_start),
@@ -374,14 +386,17 @@ class Qid2Upsampler:
         )
         self.sampler_settings.check_against(self.config)
         t_start = self.sampler_settings.t_start
+        if self.kind != PER_TARGET_KIND and adapt_steps:
+            raise ValueError("adapt_steps is only available for per-target QID² models")
         self.adapt_settings = AdaptSettings(
             steps=int(adapt_steps),
             lr=float(adapt_lr),
             max_timestep=self.config.num_train_timesteps - 1 if t_start is None else t_start,
             seed=int(seed),
         )
+        self.n_b0 = 1
         self._adaptations: list[dict] = []
-        self.sampler = Qid2Sampler(self.config)
+        self.sampler = Qid2Sampler(self.config) if self.kind == PER_TARGET_KIND else None
         self.seed = int(seed)
         self.requested_device = str(device)
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -535,24 +550,44 @@ class Qid2Upsampler:
         frame_in, frame_out = self.model_frame(bvecs_in), self.model_frame(bvecs_out)
         device, dtype = self._ready()
         with _torch_threads(self.num_threads if device.type == "cpu" else None):
-            network = self._adapted(signal, b0, bvecs_in, float(bval), mask)
-            mean, std, used = synthesise_shell(
-                network,
-                self.sampler,
-                signal,
-                b0,
-                mask,
-                frame_in,
-                frame_out,
-                float(bval),
-                self.prior_matrix(frame_in, frame_out),
-                self.sampler_settings,
-                seed=self.seed,
-                slice_axis=self.slice_axis,
-                margin=CROP_MARGIN,
-                batch_size=self.batch_size,
-                dtype=dtype,
-            )
+            if self.kind != PER_TARGET_KIND:
+                from ..model.field_inference import synthesise_shell_field
+
+                mean, std, used = synthesise_shell_field(
+                    self.network,
+                    signal,
+                    b0,
+                    mask,
+                    frame_in,
+                    frame_out,
+                    float(bval),
+                    self.sampler_settings,
+                    n_b0=self.n_b0,
+                    seed=self.seed,
+                    slice_axis=self.slice_axis,
+                    margin=CROP_MARGIN,
+                    batch_size=self.batch_size,
+                    dtype=dtype,
+                )
+            else:
+                network = self._adapted(signal, b0, bvecs_in, float(bval), mask)
+                mean, std, used = synthesise_shell(
+                    network,
+                    self.sampler,
+                    signal,
+                    b0,
+                    mask,
+                    frame_in,
+                    frame_out,
+                    float(bval),
+                    self.prior_matrix(frame_in, frame_out),
+                    self.sampler_settings,
+                    seed=self.seed,
+                    slice_axis=self.slice_axis,
+                    margin=CROP_MARGIN,
+                    batch_size=self.batch_size,
+                    dtype=dtype,
+                )
         self._batch_used = used
         return mean, std
 
@@ -573,6 +608,20 @@ class Qid2Upsampler:
         self._adaptations.append({"bval": bval, **record})
         return network
 
+    def set_acquisition(self, *, n_b0: int) -> None:
+        """Tell the engine how many b=0 volumes were averaged into the S0 it is given.
+
+        The SH-field model is conditioned on it (the noise of S/S0); `upsample_shells` calls
+        this before predicting.
+
+        Parameters
+        ----------
+        n_b0 : int
+            Number of b=0 volumes (at least 1).
+
+        """
+        self.n_b0 = max(1, int(n_b0))
+
     def settings(self) -> dict:
         """Return the engine's settings as JSON-serialisable provenance.
 
@@ -586,21 +635,32 @@ class Qid2Upsampler:
             ``batch_size`` (requested, and the last one used), ``slice_axis``, ``prior``.
 
         """
+        if self.kind == PER_TARGET_KIND:
+            prior = {"engine": "sh", "order": "auto", "lambda": self.config.prior_lambda}
+        else:
+            prior = {
+                "engine": "sh",
+                "order": self.config.sh_order,
+                "lambda": self.config.prior_lambda,
+            }
         return {
             "model_id": self.info["model_id"],
+            "model_kind": self.kind,
             "model_sha256": self.info["sha256"],
             "model_dir": self.info["folder"],
             "sampler": self.sampler_settings.to_dict(),
             "seed": self.seed,
             "device": self.requested_device if self._device is None else str(self._device),
             "device_requested": self.requested_device,
-            "amp": self.amp,
+            "amp": self._dtype is not None,
+            "amp_requested": self.amp,
             "precision": "float32" if self._dtype is None else str(self._dtype)[len("torch.") :],
             "batch_size": "auto" if self.batch_size is None else self.batch_size,
             "batch_size_used": self._batch_used,
             "slice_axis": self.slice_axis,
             "crop_margin": CROP_MARGIN,
-            "prior": {"engine": "sh", "order": "auto", "lambda": self.config.prior_lambda},
+            "prior": prior,
+            "n_b0": self.n_b0,
             "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
             "outside_mask": "SH prior (uncertainty 0)",
             "adaptation": {

@@ -29,7 +29,11 @@ from torch import nn
 
 from ..errors import InputError
 from .config import ModelConfig
+from .field_config import FIELD_KIND, FieldConfig
 from .network import Qid2Network
+
+#: Either kind of model configuration: per-target QID² or SH-field.
+AnyConfig = ModelConfig | FieldConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -41,12 +45,32 @@ MODEL_FORMAT_VERSION = 1
 TRAINING_STATE_FORMAT = "qid2-training-state/1"
 
 
-def normalisation_info(config: ModelConfig) -> dict[str, Any]:
+def build_network(config: AnyConfig) -> nn.Module:
+    """Build the (untrained) network a configuration describes.
+
+    Parameters
+    ----------
+    config : ModelConfig or FieldConfig
+        Per-target QID² (`Qid2Network`) or SH-field (`ShFieldNetwork`).
+
+    Returns
+    -------
+    nn.Module
+
+    """
+    if isinstance(config, FieldConfig):
+        from .field_network import ShFieldNetwork
+
+        return ShFieldNetwork(config)
+    return Qid2Network(config)
+
+
+def normalisation_info(config: AnyConfig) -> dict[str, Any]:
     """Describe the signal normalisation a model expects (stored in config.json).
 
     Parameters
     ----------
-    config : ModelConfig
+    config : ModelConfig or FieldConfig
         The model's configuration.
 
     Returns
@@ -54,6 +78,13 @@ def normalisation_info(config: ModelConfig) -> dict[str, Any]:
     dict
 
     """
+    if isinstance(config, FieldConfig):
+        return {
+            "signal": "S/S0 (b=0 mean), 0 where S0 <= 1e-3 x median brain S0",
+            "clip": [0.0, config.signal_clip],
+            "model_space": "SH coefficients (descoteaux07) of S/S0, order l scaled by "
+            f"order_scales[l // 2] = {list(config.order_scales)}",
+        }
     return {
         "signal": "S/S0 (b=0 mean), 0 where S0 <= eps",
         "clip": [0.0, config.signal_clip],
@@ -164,8 +195,8 @@ def verify_model_folder(folder: str | PathLike) -> dict[str, str]:
 
 def save_model(
     folder: str | PathLike,
-    network: Qid2Network,
-    config: ModelConfig,
+    network: nn.Module,
+    config: AnyConfig,
     *,
     training: dict,
     card: str,
@@ -177,9 +208,9 @@ def save_model(
     ----------
     folder : str or PathLike
         Destination folder (created).
-    network : Qid2Network
+    network : Qid2Network or ShFieldNetwork
         The trained network (its weights are copied to CPU float tensors).
-    config : ModelConfig
+    config : ModelConfig or FieldConfig
         The network's configuration.
     training : dict
         JSON-serialisable training protocol (data, steps, optimiser, seed, metrics, ...).
@@ -225,8 +256,8 @@ def save_model(
 
 def load_model(
     folder: str | PathLike, *, device: str | torch.device = "cpu"
-) -> tuple[Qid2Network, ModelConfig, dict[str, Any]]:
-    """Verify and load a model folder.
+) -> tuple[nn.Module, AnyConfig, dict[str, Any]]:
+    """Verify and load a model folder (either kind).
 
     Parameters
     ----------
@@ -237,9 +268,9 @@ def load_model(
 
     Returns
     -------
-    network : Qid2Network
+    network : Qid2Network or ShFieldNetwork
         In eval mode, on `device`.
-    config : ModelConfig
+    config : ModelConfig or FieldConfig
     info : dict
         ``model_id`` (folder name + first 12 hex digits of the weights' sha256), ``sha256``
         (weights), ``config_sha256``, ``folder``, ``training``, ``normalisation``.
@@ -259,7 +290,7 @@ def load_model(
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError) as err:
         raise InputError(weights_path, f"cannot be read as safetensors: {err}") from err
-    network = Qid2Network(config)
+    network = build_network(config)
     _check_tensors(weights_path, network, tensors)
     network.load_state_dict(tensors, strict=True)
     network.to(device).eval()
@@ -275,7 +306,7 @@ def load_model(
     return network, config, info
 
 
-def read_model_config(folder: str | PathLike) -> ModelConfig:
+def read_model_config(folder: str | PathLike) -> AnyConfig:
     """Read a model folder's configuration (without loading or verifying the weights).
 
     Parameters
@@ -285,7 +316,7 @@ def read_model_config(folder: str | PathLike) -> ModelConfig:
 
     Returns
     -------
-    ModelConfig
+    ModelConfig or FieldConfig
 
     Raises
     ------
@@ -296,7 +327,7 @@ def read_model_config(folder: str | PathLike) -> ModelConfig:
     return _read_config(Path(folder) / CONFIG_NAME)[0]
 
 
-def _read_config(config_path: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def _read_config(config_path: Path) -> tuple[AnyConfig, dict[str, Any]]:
     """Parse a model's ``config.json``: (the model configuration, the whole document)."""
     try:
         document = json.loads(config_path.read_text())
@@ -307,7 +338,10 @@ def _read_config(config_path: Path) -> tuple[ModelConfig, dict[str, Any]]:
                 f"format_version {document.get('format_version')!r} is not supported "
                 f"(this version reads {MODEL_FORMAT_VERSION})"
             )
-        return ModelConfig.from_dict(document["model"]), document
+        model = document["model"]
+        if isinstance(model, dict) and model.get("kind") == FIELD_KIND:
+            return FieldConfig.from_dict(model), document
+        return ModelConfig.from_dict(model), document
     except OSError as err:
         raise InputError(config_path, f"cannot be read ({err.strerror or err})") from None
     except (ValueError, KeyError, TypeError) as err:

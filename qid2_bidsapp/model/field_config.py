@@ -1,0 +1,257 @@
+"""Hyper-parameters of the SH-field diffusion model, serialisable to JSON (no torch needed).
+
+The *SH-field* model (``kind = "sh-field"``) predicts, in one network pass per slice, the
+spherical-harmonic coefficients of the whole angular signal ``S/S0`` of that slice; any target
+direction is then evaluated from them, so its cost does not grow with the number of targets.
+See `qid2_bidsapp.model.field_features` for the inputs and `field_network` for the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from .config import SCHEDULES
+
+#: The model kind written in config.json (the per-target QID² model has no ``kind`` field).
+FIELD_KIND = "sh-field"
+FIELD_CONFIG_VERSION = "1.0"
+#: Sampler defaults per device kind: DDIM steps, samples K and the truncated start.
+DEFAULT_FIELD_SAMPLER = {
+    "cpu": {"n_steps": 2, "n_samples": 2, "t_start": 100},
+    "cuda": {"n_steps": 4, "n_samples": 4, "t_start": 100},
+}
+#: Features per slice: order-2 least-squares fit (6), regularised fit (28 at order 6),
+#: relative S0, mask; `FieldConfig.features_per_slice` computes it for other orders.
+_EXTRA_PER_SLICE = 2
+#: Scalar maps of the condition: b/1000, sqrt(6/N), 1/sqrt(number of b=0 volumes).
+N_SCALAR_CHANNELS = 3
+_TUPLE_FIELDS = ("channels", "order_scales")
+_MAX_NORM_GROUPS = 32
+
+
+@dataclass
+class FieldConfig:
+    """Architecture, inputs, normalisation and noise schedule of an SH-field model.
+
+    Parameters
+    ----------
+    sh_order : int
+        Even SH order of the predicted signal (28 coefficients at 6).
+    context_slices : int
+        Neighbouring slices on each side given with every slice (2.5D; 1 gives 3 slices).
+    channels : tuple of int
+        Feature channels per U-Net level (MONAI ``DiffusionModelUNet``; attention only in
+        its middle block, at the lowest resolution).
+    num_res_blocks : int
+        Residual blocks per level.
+    num_head_channels : int
+        Channels per attention head of the middle block (must divide ``channels[-1]``).
+    prior_lambda : float
+        Laplace–Beltrami λ of the regularised SH fit that is both an input and the prior the
+        network corrects (and the output outside the brain mask).
+    order_scales : tuple of float
+        Model space: coefficients of order ``l`` are multiplied by ``order_scales[l // 2]``
+        (about 1 / their spread in brains, so every order has a similar range).
+    signal_clip : float
+        ``S/S0`` is clipped to ``[0, signal_clip]`` before fitting.
+    num_train_timesteps, schedule, beta_start, beta_end : int, str, float, float
+        Noise schedule (MONAI); the network predicts the clean coefficients (``sample``).
+    max_timestep : int
+        Training draws timesteps in ``0..max_timestep`` (the truncated sampler starts below).
+    sampler_defaults : dict
+        ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples`` and ``t_start``.
+    version : str
+        Layout version.
+
+    """
+
+    sh_order: int = 6
+    context_slices: int = 1
+    channels: tuple[int, ...] = (32, 64, 128)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    prior_lambda: float = 0.006
+    order_scales: tuple[float, ...] = (1.0, 10.0, 40.0, 100.0)
+    signal_clip: float = 1.5
+    num_train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    max_timestep: int = 250
+    sampler_defaults: dict = field(
+        default_factory=lambda: json.loads(json.dumps(DEFAULT_FIELD_SAMPLER))
+    )
+    kind: str = FIELD_KIND
+    version: str = FIELD_CONFIG_VERSION
+
+    #: What the network predicts (fixed: the clean coefficients, as a correction of the prior).
+    prediction_type = "sample"
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        self.order_scales = tuple(float(s) for s in self.order_scales)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def n_coefficients(self) -> int:
+        """Coefficients of the predicted series: ``(L + 1)(L + 2) / 2``."""
+        return (self.sh_order + 1) * (self.sh_order + 2) // 2
+
+    @property
+    def features_per_slice(self) -> int:
+        """Condition channels per slice: order-2 fit, regularised fit, relative S0, mask."""
+        return 6 + self.n_coefficients + _EXTRA_PER_SLICE
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the condition: every slice's features, then the scalar maps."""
+        return (2 * self.context_slices + 1) * self.features_per_slice + N_SCALAR_CHANNELS
+
+    @property
+    def in_channels(self) -> int:
+        """U-Net input channels: the noisy coefficients plus the condition."""
+        return self.n_coefficients + self.condition_channels
+
+    @property
+    def spatial_multiple(self) -> int:
+        """H and W must be multiples of this: ``2 ** (len(channels) - 1)``."""
+        return 2 ** (len(self.channels) - 1)
+
+    @property
+    def norm_num_groups(self) -> int:
+        """Group-norm groups: the largest divisor of gcd(channels) that is at most 32."""
+        common = math.gcd(*self.channels)
+        return max(g for g in range(1, min(common, _MAX_NORM_GROUPS) + 1) if common % g == 0)
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self) -> None:
+        """Check that the values are consistent.
+
+        Raises
+        ------
+        ValueError
+            Naming the first inconsistent field.
+
+        """
+        if self.kind != FIELD_KIND:
+            raise ValueError(f"kind must be {FIELD_KIND!r}, got {self.kind!r}")
+        if self.sh_order < 2 or self.sh_order % 2:
+            raise ValueError(f"sh_order must be an even integer >= 2, got {self.sh_order}")
+        if len(self.order_scales) != self.sh_order // 2 + 1 or min(self.order_scales) <= 0:
+            raise ValueError(
+                f"order_scales needs one positive scale per even order 0..{self.sh_order}, "
+                f"got {self.order_scales}"
+            )
+        if self.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be positive integers, got {self.channels}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.num_head_channels < 1 or self.channels[-1] % self.num_head_channels:
+            raise ValueError(
+                f"num_head_channels {self.num_head_channels} must divide the last level's "
+                f"channels {self.channels[-1]}"
+            )
+        if not self.prior_lambda >= 0:
+            raise ValueError(f"prior_lambda must be >= 0, got {self.prior_lambda}")
+        if not self.signal_clip > 0:
+            raise ValueError(f"signal_clip must be > 0, got {self.signal_clip}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(
+                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+        if not 0 <= self.max_timestep < self.num_train_timesteps:
+            raise ValueError(
+                f"max_timestep must be in 0..{self.num_train_timesteps - 1}, "
+                f"got {self.max_timestep}"
+            )
+        for kind in ("cpu", "cuda"):
+            values = self.sampler_defaults.get(kind)
+            if not isinstance(values, dict) or set(values) != {"n_steps", "n_samples", "t_start"}:
+                raise ValueError(
+                    f"sampler_defaults must give n_steps, n_samples and t_start for {kind!r}, "
+                    f"got {values!r}"
+                )
+            if (
+                any(int(v) != v or v < 0 for v in values.values())
+                or min(values["n_steps"], values["n_samples"]) < 1
+            ):
+                raise ValueError(f"sampler_defaults[{kind!r}] must be positive integers")
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> FieldConfig:
+        """Return a very small configuration for tests (8/16/16 channels).
+
+        Parameters
+        ----------
+        **overrides
+            Fields to change.
+
+        Returns
+        -------
+        FieldConfig
+
+        """
+        values: dict[str, Any] = {"channels": (8, 16, 16), "num_head_channels": 8}
+        values.update(overrides)
+        return cls(**values)
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the configuration as a JSON-serialisable dict (tuples become lists)."""
+        values = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            values[name] = list(values[name])
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FieldConfig:
+        """Build a configuration from `to_dict` output.
+
+        Parameters
+        ----------
+        values : dict
+            Field values; missing fields take their defaults.
+
+        Returns
+        -------
+        FieldConfig
+
+        Raises
+        ------
+        ValueError
+            For unknown fields and inconsistent values.
+
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model configuration field(s): {', '.join(unknown)}")
+        values = dict(values)
+        for name in _TUPLE_FIELDS:
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    def to_json(self, path: str | PathLike) -> Path:
+        """Write the configuration as JSON; returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path

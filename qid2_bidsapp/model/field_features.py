@@ -1,0 +1,275 @@
+"""Inputs of the SH-field model, as numpy arrays: the same code in training and inference.
+
+For one shell with N acquired directions, every voxel gets (`shell_features`):
+
+* the order-2 least-squares SH fit of ``S/S0`` (6 coefficients; a tensor-like fit, unbiased),
+* the Laplace–Beltrami regularised fit at the model's order (λ = ``prior_lambda``; this is also
+  the *prior* the network corrects and the output outside the brain mask),
+* ``S0 / S0_ref`` (tissue contrast; ``S0_ref`` is the median b=0 signal in the brain mask, so
+  nothing depends on the units of the signal), and the brain mask.
+
+Coefficients are put in *model space* by multiplying order ``l`` by ``order_scales[l // 2]``
+(`coefficient_scales`). The condition of slice z (`slice_condition`) stacks the features of
+slices ``z - c .. z + c`` (``c = context_slices``; edge slices repeated at the volume's ends)
+and three constant maps: b/1000, sqrt(6/N) and 1/sqrt(number of b=0 volumes averaged).
+
+Directions are in the model frame of the slice axis (`model.data.model_frame_bvecs`): the
+coefficients, and so the network's output, are expressed in the voxel axes of the slices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from dipy.reconst.shm import sph_harm_ind_list
+
+from ..shm import sh_basis_matrix, sh_fit_matrix
+from .field_config import N_SCALAR_CHANNELS, FieldConfig
+
+#: S0 below this fraction of S0_ref counts as no signal (S/S0 set to 0).
+RELATIVE_B0_EPS = 1e-3
+#: Upper clip of S0 / S0_ref.
+S0_RELATIVE_CLIP = 4.0
+
+
+def order_of_coefficients(sh_order: int) -> np.ndarray:
+    """Order ``l`` of each coefficient of the ``descoteaux07`` series up to `sh_order`.
+
+    Parameters
+    ----------
+    sh_order : int
+        Even maximal order.
+
+    Returns
+    -------
+    ndarray of int, shape (C,)
+
+    """
+    return np.asarray(sph_harm_ind_list(int(sh_order))[1], dtype=int)
+
+
+def coefficient_scales(config: FieldConfig, sh_order: int | None = None) -> np.ndarray:
+    """Model-space multiplier of each coefficient (``order_scales[l // 2]``).
+
+    Parameters
+    ----------
+    config : FieldConfig
+        The model configuration.
+    sh_order : int, optional
+        Order of the series (default ``config.sh_order``; 2 for the order-2 fit).
+
+    Returns
+    -------
+    ndarray, shape (C,), float64
+
+    """
+    orders = order_of_coefficients(config.sh_order if sh_order is None else sh_order)
+    return np.asarray(config.order_scales, dtype=np.float64)[orders // 2]
+
+
+def fit_matrices(bvecs: np.ndarray, config: FieldConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices from the N acquired signals to the two fits, already in model space.
+
+    Parameters
+    ----------
+    bvecs : ndarray, shape (N, 3)
+        Acquired directions (model frame).
+    config : FieldConfig
+        The model configuration.
+
+    Returns
+    -------
+    order2 : ndarray, shape (6, N)
+        Least-squares order-2 fit (minimum-norm when N < 6), scaled.
+    regularised : ndarray, shape (C, N)
+        Regularised fit at ``config.sh_order`` with ``config.prior_lambda``, scaled.
+
+    """
+    order2 = sh_fit_matrix(bvecs, 2, 0.0) * coefficient_scales(config, 2)[:, None]
+    regularised = sh_fit_matrix(bvecs, config.sh_order, config.prior_lambda)
+    return order2, regularised * coefficient_scales(config)[:, None]
+
+
+def reference_s0(b0: np.ndarray, mask: np.ndarray) -> float:
+    """Return the S0 every relative quantity refers to: the median b=0 signal in the mask.
+
+    Parameters
+    ----------
+    b0 : ndarray
+        Mean b=0 image.
+    mask : ndarray of bool
+        Brain mask (same shape).
+
+    Returns
+    -------
+    float
+        Positive; falls back to the median of the positive b=0 values, then 1.
+
+    """
+    values = np.asarray(b0, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size == 0:
+        values = np.asarray(b0, dtype=np.float64)
+        values = values[np.isfinite(values) & (values > 0)]
+    return float(np.median(values)) if values.size else 1.0
+
+
+def relative_signal(signal: np.ndarray, b0: np.ndarray, s0_ref: float, clip: float) -> np.ndarray:
+    """``S/S0`` clipped to ``[0, clip]``; 0 where ``S0 <= RELATIVE_B0_EPS * s0_ref``.
+
+    Parameters
+    ----------
+    signal : ndarray, shape (..., N)
+        Diffusion-weighted signal.
+    b0 : ndarray, shape (...)
+        Mean b=0 image.
+    s0_ref : float
+        `reference_s0`.
+    clip : float
+        Upper clip.
+
+    Returns
+    -------
+    ndarray, shape (..., N), float32
+
+    """
+    b0 = np.asarray(b0, dtype=np.float32)[..., None]
+    valid = b0 > RELATIVE_B0_EPS * s0_ref
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(valid, np.asarray(signal, dtype=np.float32) / np.where(valid, b0, 1), 0)
+    return np.clip(np.nan_to_num(ratio, nan=0.0, posinf=0.0, neginf=0.0), 0.0, clip)
+
+
+def shell_features(
+    signal: np.ndarray,
+    b0: np.ndarray,
+    mask: np.ndarray,
+    bvecs: np.ndarray,
+    config: FieldConfig,
+    *,
+    s0_ref: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-voxel features of one shell and the prior, in model space (slice axis last).
+
+    Parameters
+    ----------
+    signal : ndarray, shape (X, Y, Z, N)
+        Acquired diffusion-weighted volumes of the shell.
+    b0 : ndarray, shape (X, Y, Z)
+        Mean b=0 image.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask.
+    bvecs : ndarray, shape (N, 3)
+        Directions in the model frame.
+    config : FieldConfig
+        The model configuration.
+    s0_ref : float, optional
+        Reference S0 (default `reference_s0` of `b0` in `mask`).
+
+    Returns
+    -------
+    features : ndarray, shape (X, Y, Z, F), float32
+        ``F = config.features_per_slice``: order-2 fit, regularised fit, S0/S0_ref, mask.
+    prior : ndarray, shape (X, Y, Z, C), float32
+        The regularised fit (model space): a view of ``features``.
+
+    """
+    signal = np.asarray(signal)
+    mask = np.asarray(mask, dtype=bool)
+    if s0_ref is None:
+        s0_ref = reference_s0(b0, mask)
+    order2, regularised = fit_matrices(bvecs, config)
+    ratio = relative_signal(signal, b0, s0_ref, config.signal_clip)
+    n2, nc = order2.shape[0], regularised.shape[0]
+    features = np.empty((*signal.shape[:3], config.features_per_slice), dtype=np.float32)
+    weights = np.vstack([order2, regularised]).T.astype(np.float32)  # (N, 6 + C)
+    features[..., : n2 + nc] = ratio @ weights
+    features[..., n2 + nc] = np.clip(np.asarray(b0) / s0_ref, 0.0, S0_RELATIVE_CLIP)
+    features[..., n2 + nc + 1] = mask
+    return features, features[..., n2 : n2 + nc]
+
+
+def scalar_values(bval: float, n_directions: int, n_b0: int) -> np.ndarray:
+    """Return the constant maps of the condition: b/1000, sqrt(6/N), 1/sqrt(n_b0).
+
+    Parameters
+    ----------
+    bval : float
+        The shell's b-value.
+    n_directions : int
+        Acquired directions of the shell.
+    n_b0 : int
+        b=0 volumes averaged into S0.
+
+    Returns
+    -------
+    ndarray, shape (N_SCALAR_CHANNELS,), float32
+
+    """
+    values = [float(bval) / 1000.0, np.sqrt(6.0 / max(1, n_directions)), 1 / np.sqrt(max(1, n_b0))]
+    return np.asarray(values[:N_SCALAR_CHANNELS], dtype=np.float32)
+
+
+def context_indices(z: int, n_slices: int, context: int) -> np.ndarray:
+    """Slices ``z - context .. z + context``, clamped to the volume (edges repeated).
+
+    Parameters
+    ----------
+    z : int
+        Centre slice.
+    n_slices : int
+        Slices of the volume.
+    context : int
+        Slices on each side.
+
+    Returns
+    -------
+    ndarray of int, shape (2 * context + 1,)
+
+    """
+    return np.clip(np.arange(z - context, z + context + 1), 0, n_slices - 1)
+
+
+def slice_condition(features: np.ndarray, z: int, context: int, scalars: np.ndarray) -> np.ndarray:
+    """Condition of one slice: features of its context slices, then the scalar maps.
+
+    Parameters
+    ----------
+    features : ndarray, shape (H, W, Z, F)
+        `shell_features` (possibly cropped in plane).
+    z : int
+        The slice.
+    context : int
+        ``config.context_slices``.
+    scalars : ndarray, shape (N_SCALAR_CHANNELS,)
+        `scalar_values`.
+
+    Returns
+    -------
+    ndarray, shape (condition_channels, H, W), float32
+
+    """
+    idx = context_indices(z, features.shape[2], context)
+    h, w = features.shape[:2]
+    stack = np.moveaxis(features[:, :, idx], (2, 3), (0, 1)).reshape(-1, h, w)
+    consts = np.broadcast_to(np.asarray(scalars, np.float32)[:, None, None], (len(scalars), h, w))
+    return np.concatenate([stack, consts], axis=0).astype(np.float32, copy=False)
+
+
+def evaluation_matrix(bvecs: np.ndarray, config: FieldConfig) -> np.ndarray:
+    """Map model-space coefficients to ``S/S0`` at directions.
+
+    Parameters
+    ----------
+    bvecs : ndarray, shape (M, 3)
+        Directions (model frame).
+    config : FieldConfig
+        The model configuration.
+
+    Returns
+    -------
+    ndarray, shape (M, C), float64
+        ``B(bvecs) / scales``: ``E @ c_model`` is the signal ratio at the directions.
+
+    """
+    basis, _ = sh_basis_matrix(np.asarray(bvecs, dtype=np.float64).reshape(-1, 3), config.sh_order)
+    return basis / coefficient_scales(config)[None, :]

@@ -1,0 +1,166 @@
+"""The SH-field network: one MONAI 2D diffusion U-Net pass per slice for every direction.
+
+Input: the noisy model-space SH coefficients ``x_t`` of the slice (C channels) concatenated
+with the condition (`field_features.slice_condition`: the features of the slice and its
+neighbours, and constant maps); output: the clean coefficients, as the prior (the regularised
+fit of the centre slice, part of the condition) plus a correction. MONAI zero-initialises the
+output convolution, so an untrained network returns the prior exactly.
+
+The output is a set of SH coefficients: its signal is antipodally symmetric by construction,
+and the inputs are fits of the acquired directions, so the result does not depend on the
+order in which those directions are listed.
+
+Self-attention runs only in the middle block (lowest resolution), fused
+(`network.set_fused_attention`).
+
+`tensor_fa` turns coefficients into FA differentiably (log-linear tensor fit on fixed
+directions), for the training loss term that keeps anisotropy from shrinking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from torch import nn
+
+from .field_config import FieldConfig
+from .field_features import evaluation_matrix
+from .network import crop_pad, pad_to_multiple, set_fused_attention
+
+__all__ = ["ShFieldNetwork", "TensorFA", "crop_pad", "pad_to_multiple"]
+
+
+class ShFieldNetwork(nn.Module):
+    """Predict the clean SH coefficients of a slice from its noisy version and the condition.
+
+    Parameters
+    ----------
+    config : FieldConfig
+        Architecture and inputs.
+    fused_attention : bool
+        Use torch's fused attention in MONAI's attention blocks.
+
+    """
+
+    def __init__(self, config: FieldConfig, *, fused_attention: bool = True):
+        super().__init__()
+        config.validate()
+        self.config = config
+        levels = len(config.channels)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=2,
+            in_channels=config.in_channels,
+            out_channels=config.n_coefficients,
+            channels=tuple(config.channels),
+            attention_levels=(False,) * levels,
+            num_res_blocks=config.num_res_blocks,
+            num_head_channels=config.num_head_channels,
+            norm_num_groups=config.norm_num_groups,
+        )
+        per_slice = config.features_per_slice
+        start = config.context_slices * per_slice + 6  # centre slice, after its order-2 fit
+        self.prior_channels = slice(start, start + config.n_coefficients)
+        set_fused_attention(self, fused_attention)
+
+    def forward(
+        self, x_noisy: torch.Tensor, condition: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict the clean model-space coefficients.
+
+        Parameters
+        ----------
+        x_noisy : Tensor, shape (B, C, H, W)
+            Noisy coefficients ``x_t``.
+        condition : Tensor, shape (B, condition_channels, H, W)
+            `field_features.slice_condition`.
+        timesteps : Tensor of int, shape (B,)
+            Diffusion timesteps.
+
+        Returns
+        -------
+        Tensor, shape (B, C, H, W)
+
+        Raises
+        ------
+        ValueError
+            For inconsistent shapes, or H, W not multiples of ``config.spatial_multiple``.
+
+        """
+        cfg = self.config
+        b, _, h, w = x_noisy.shape
+        if x_noisy.ndim != 4 or x_noisy.shape[1] != cfg.n_coefficients:
+            raise ValueError(
+                f"x_noisy must have shape (B, {cfg.n_coefficients}, H, W), got "
+                f"{tuple(x_noisy.shape)}"
+            )
+        if tuple(condition.shape) != (b, cfg.condition_channels, h, w):
+            raise ValueError(
+                f"condition must have shape {(b, cfg.condition_channels, h, w)}, got "
+                f"{tuple(condition.shape)}"
+            )
+        if tuple(timesteps.shape) != (b,):
+            raise ValueError(f"timesteps must have shape ({b},), got {tuple(timesteps.shape)}")
+        m = cfg.spatial_multiple
+        if h % m or w % m:
+            raise ValueError(f"H and W must be multiples of {m}, got {h}x{w}: use pad_to_multiple")
+        out = self.unet(torch.cat([x_noisy, condition], dim=1), timesteps)
+        return condition[:, self.prior_channels].to(out.dtype) + out
+
+
+#: Directions the FA of a coefficient field is computed on (a fixed, well-spread set).
+FA_DIRECTIONS = 60
+
+
+class TensorFA(nn.Module):
+    """Differentiable FA of model-space SH coefficients (log-linear tensor fit).
+
+    The signal ``S/S0`` is evaluated on `FA_DIRECTIONS` fixed directions, clamped to
+    ``[1e-3, 1]``, turned into apparent diffusion coefficients ``-log(S/S0)/b`` and fitted with
+    a tensor by least squares; FA comes from the tensor's invariants
+    (``sqrt(3/2) |D - tr(D)/3 I| / |D|``), with no eigen-decomposition.
+
+    Parameters
+    ----------
+    config : FieldConfig
+        The model configuration (order and scales of the coefficients).
+
+    """
+
+    def __init__(self, config: FieldConfig):
+        super().__init__()
+        from ..sim.protocol import uniform_shell
+
+        g = uniform_shell(FA_DIRECTIONS, seed=0)
+        design = np.column_stack(
+            [g[:, 0] ** 2, g[:, 1] ** 2, g[:, 2] ** 2, 2 * g[:, 0] * g[:, 1],
+             2 * g[:, 0] * g[:, 2], 2 * g[:, 1] * g[:, 2]]
+        )  # fmt: skip
+        self.register_buffer(
+            "evaluate", torch.as_tensor(evaluation_matrix(g, config), dtype=torch.float32)
+        )
+        self.register_buffer("fit", torch.as_tensor(np.linalg.pinv(design), dtype=torch.float32))
+
+    def forward(self, coefficients: torch.Tensor, bval: torch.Tensor) -> torch.Tensor:
+        """FA of every pixel.
+
+        Parameters
+        ----------
+        coefficients : Tensor, shape (B, C, H, W)
+            Model-space coefficients.
+        bval : Tensor, shape (B,)
+            b-value of each item (s/mm^2).
+
+        Returns
+        -------
+        Tensor, shape (B, H, W)
+
+        """
+        signal = torch.einsum("mc,bchw->bmhw", self.evaluate, coefficients.float())
+        adc = -torch.log(signal.clamp(1e-3, 1.0)) / (bval.float()[:, None, None, None] / 1000.0)
+        d = torch.einsum("km,bmhw->bkhw", self.fit, adc)
+        trace = (d[:, 0] + d[:, 1] + d[:, 2]) / 3.0
+        dev = (d[:, 0] - trace) ** 2 + (d[:, 1] - trace) ** 2 + (d[:, 2] - trace) ** 2
+        off = 2.0 * (d[:, 3] ** 2 + d[:, 4] ** 2 + d[:, 5] ** 2)
+        norm = d[:, 0] ** 2 + d[:, 1] ** 2 + d[:, 2] ** 2 + off
+        return torch.sqrt(1.5 * (dev + off) / norm.clamp(min=1e-8) + 1e-8).clamp(0.0, 1.0)

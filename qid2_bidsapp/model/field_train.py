@@ -1,0 +1,581 @@
+"""Train the SH-field model on simulated coefficient slabs, in resumable chunks.
+
+A run lives in one output folder (keep it outside the repository)::
+
+    <output>/
+      train_config.json   the configuration (a copy)
+      training_state.pt   weights, optimiser, step, data-sampler state (resumable)
+      train_log.jsonl     one JSON line per log event (losses, validation, lr)
+      snapshots/          weights every `snapshot_every` steps (for later selection)
+
+Training slabs (`qid2_bidsapp.sim.slabs`) are read from ``slabs`` and re-scanned every
+`rescan_every` steps, so a generator may keep adding slabs while training runs. Validation
+uses slabs of another series (``val_seed``), made in ``<output>/val_slabs`` on first use.
+
+Loss (inside the brain mask), all on noise-free targets:
+``coef_mse`` (model-space coefficients) + ``signal_weight * 1000 * signal_mse`` (the
+coefficients' signal error: the basis is orthonormal) + ``fa_weight * |FA - FA_true|``
+(`field_network.TensorFA`; keeps the prediction from shrinking anisotropy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import Qid2Error
+from ..sim.slabs import CoefficientSlab, generate_slabs, read_slab
+from .checkpoint import load_training_state, save_training_state
+from .field_config import FieldConfig
+from .field_data import Protocol, make_field_example, stack_field_examples
+from .field_features import coefficient_scales
+from .field_inference import field_scheduler, sample_coefficients
+from .field_network import ShFieldNetwork, TensorFA
+from .inference import SamplerSettings, pair_generator
+
+STATE_NAME = "training_state.pt"
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class FieldTrainConfig:
+    """Settings of an SH-field training run (JSON file; unknown keys are refused).
+
+    Parameters
+    ----------
+    slabs : str
+        Folder of training slabs (``slab-*.npz``).
+    output : str
+        Run folder.
+    model : dict
+        `FieldConfig` fields.
+    protocol : dict
+        `field_data.Protocol` fields.
+    batch_size, crop : int
+        Examples per step and their in-plane size.
+    steps : int
+        Planned steps (the cosine learning-rate schedule spans them).
+    lr, lr_min, weight_decay, warmup_steps, grad_clip : float, float, float, int, float
+        AdamW with linear warm-up and cosine decay to `lr_min`.
+    prior_start_fraction : float
+        Share of training inputs ``x_t`` noised from the prior rather than from the truth
+        (the truncated sampler starts from the noised prior).
+    signal_weight, fa_weight : float
+        Loss weights (see the module docstring).
+    max_slabs : int
+        Largest number of slabs held in memory.
+    val_seed, n_val_slabs, n_val_examples : int
+        Validation series seed, slabs and fixed examples.
+    validate_every, snapshot_every, rescan_every, log_every : int
+        Periods in steps.
+    checkpoint_minutes : float
+        Save the training state at least this often.
+    seed : int
+        Seed of the data sampler and the weights.
+    num_threads : int
+        torch CPU threads.
+
+    """
+
+    slabs: str
+    output: str
+    model: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
+    batch_size: int = 8
+    crop: int = 64
+    steps: int = 30000
+    lr: float = 3e-4
+    lr_min: float = 2e-5
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    prior_start_fraction: float = 0.5
+    signal_weight: float = 1.0
+    fa_weight: float = 4.0
+    max_slabs: int = 4000
+    val_seed: int = 1
+    n_val_slabs: int = 16
+    n_val_examples: int = 64
+    validate_every: int = 500
+    snapshot_every: int = 2000
+    rescan_every: int = 250
+    log_every: int = 50
+    checkpoint_minutes: float = 10.0
+    seed: int = 0
+    num_threads: int = 2
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FieldTrainConfig:
+        """Read a JSON configuration (relative paths are taken from the file's folder).
+
+        Parameters
+        ----------
+        path : str or Path
+            The file.
+
+        Returns
+        -------
+        FieldTrainConfig
+
+        """
+        path = Path(path)
+        values = json.loads(path.read_text())
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise Qid2Error(f"{path}: unknown training setting(s): {', '.join(unknown)}")
+        for key in ("slabs", "output"):
+            if key in values and not Path(values[key]).is_absolute():
+                values[key] = str((path.parent / values[key]).resolve())
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (B, ..., H, W) over the pixels where ``mask`` (B, H, W) is set."""
+    weights = mask.to(values.dtype)
+    while weights.ndim < values.ndim:
+        weights = weights.unsqueeze(1)
+    weights = weights.expand_as(values)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class FieldLoss(torch.nn.Module):
+    """The training loss and its parts (see the module docstring).
+
+    Parameters
+    ----------
+    config : FieldConfig
+        The model configuration.
+    signal_weight, fa_weight : float
+        Weights of the signal and FA terms.
+
+    """
+
+    def __init__(self, config: FieldConfig, signal_weight: float, fa_weight: float):
+        super().__init__()
+        scales = torch.as_tensor(coefficient_scales(config), dtype=torch.float32)
+        self.register_buffer("inverse_scales", (1.0 / scales)[None, :, None, None])
+        self.fa = TensorFA(config)
+        self.signal_weight = float(signal_weight)
+        self.fa_weight = float(fa_weight)
+
+    def forward(self, pred, target, mask, bval) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the loss and its parts (``coef_mse``, ``signal_mse``, ``fa_mae``).
+
+        Parameters
+        ----------
+        pred, target : Tensor, shape (B, C, H, W)
+            Model-space coefficients.
+        mask : Tensor, shape (B, H, W)
+            Brain mask (0/1).
+        bval : Tensor, shape (B,)
+            b-values.
+
+        Returns
+        -------
+        loss : Tensor
+        parts : dict of float
+
+        """
+        diff = pred - target
+        coef = masked_mean(diff.square(), mask)
+        signal = masked_mean((diff * self.inverse_scales).square(), mask)
+        fa = masked_mean((self.fa(pred, bval) - self.fa(target, bval)).abs(), mask)
+        loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
+        parts = {"coef_mse": coef.item(), "signal_mse": signal.item(), "fa_mae": fa.item()}
+        return loss, parts
+
+
+class SlabPool:
+    """The training slabs in memory, topped up from their folder as a generator adds some.
+
+    Parameters
+    ----------
+    folder : Path
+        Folder of ``slab-*.npz`` files.
+    max_slabs : int
+        Largest number kept.
+
+    """
+
+    def __init__(self, folder: Path, max_slabs: int):
+        self.folder = Path(folder)
+        self.max_slabs = int(max_slabs)
+        self.slabs: list[CoefficientSlab] = []
+        self._seen: set[str] = set()
+
+    def rescan(self) -> int:
+        """Load new slabs (sorted by name) up to `max_slabs`; return how many were added."""
+        added = 0
+        for path in sorted(self.folder.glob("slab-*.npz")):
+            if len(self.slabs) >= self.max_slabs:
+                break
+            if path.name in self._seen or path.name.endswith(".part.npz"):
+                continue
+            try:
+                self.slabs.append(read_slab(path))
+            except (OSError, ValueError, KeyError):  # a file being written: next time
+                continue
+            self._seen.add(path.name)
+            added += 1
+        return added
+
+
+class FieldTrainer:
+    """The SH-field training loop state: network, optimiser, data, validation set.
+
+    Parameters
+    ----------
+    config : FieldTrainConfig
+        The settings.
+    echo : callable
+        Receives printed lines.
+
+    """
+
+    def __init__(self, config: FieldTrainConfig, echo=print):
+        self.config = config
+        self.echo = echo
+        torch.set_num_threads(int(config.num_threads))
+        torch.manual_seed(config.seed)
+        self.model_config = FieldConfig(**config.model)
+        self.protocol = Protocol(**config.protocol)
+        self.network = ShFieldNetwork(self.model_config)
+        self.loss = FieldLoss(self.model_config, config.signal_weight, config.fa_weight)
+        self.optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = field_scheduler(self.model_config)
+        self.step = 0
+        self.wall_s = 0.0
+        self.rng = np.random.default_rng(config.seed)
+        self.pool = SlabPool(Path(config.slabs), config.max_slabs)
+        if self.pool.rescan() == 0:
+            raise Qid2Error(f"{config.slabs}: no training slabs (slab-*.npz)")
+        self.validation = self._validation_set()
+
+    # ------------------------------------------------------------------ data
+
+    def _validation_set(self) -> dict:
+        folder = Path(self.config.output) / "val_slabs"
+        generate_slabs(folder, 0, self.config.n_val_slabs, seed=self.config.val_seed)
+        slabs = [read_slab(p) for p in sorted(folder.glob("slab-*.npz"))]
+        rng = np.random.default_rng([self.config.val_seed, 12345])
+        examples = [
+            make_field_example(
+                slabs[i % len(slabs)], rng, self.model_config, crop=self.config.crop,
+                protocol=self.protocol,
+            )
+            for i in range(self.config.n_val_examples)
+        ]  # fmt: skip
+        return stack_field_examples(examples)
+
+    def _batch(self) -> dict:
+        slabs = self.pool.slabs
+        examples = [
+            make_field_example(
+                slabs[int(self.rng.integers(len(slabs)))], self.rng, self.model_config,
+                crop=self.config.crop, protocol=self.protocol,
+            )
+            for _ in range(self.config.batch_size)
+        ]  # fmt: skip
+        return stack_field_examples(examples)
+
+    # ------------------------------------------------------------------ steps
+
+    def learning_rate(self, step: int) -> float:
+        """Warm-up then cosine decay from ``lr`` to ``lr_min`` over ``steps``."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns the loss and its parts."""
+        batch = self._batch()
+        condition = torch.from_numpy(batch["condition"])
+        target = torch.from_numpy(batch["target"])
+        mask = torch.from_numpy(batch["mask"])
+        bval = torch.from_numpy(batch["bval"])
+        b = target.shape[0]
+        timesteps = torch.randint(0, self.model_config.max_timestep + 1, (b,))
+        noise = torch.randn_like(target)
+        start = target.clone()
+        from_prior = torch.rand(b) < self.config.prior_start_fraction
+        start[from_prior] = condition[from_prior][:, self.network.prior_channels]
+        x_t = self.scheduler.add_noise(start, noise, timesteps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        self.network.train()
+        pred = self.network(x_t, condition, timesteps)
+        loss, parts = self.loss(pred, target, mask, bval)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.item(), **parts}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Score the network (default CPU sampler, fixed noise) and the prior on validation.
+
+        Returns
+        -------
+        dict
+            Loss parts of the network (``net_*``), of the prior (``prior_*``), and the FA error
+            of the order-2 least-squares fit of the noisy input (``fit2_fa_mae``, a stand-in
+            for DTI on the acquired directions).
+
+        """
+        self.network.eval()
+        val = self.validation
+        condition = torch.from_numpy(val["condition"])
+        target = torch.from_numpy(val["target"])
+        mask = torch.from_numpy(val["mask"])
+        bval = torch.from_numpy(val["bval"])
+        sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
+        generators = [pair_generator(0, i) for i in range(len(target))]
+        samples = sample_coefficients(self.network, self.scheduler, condition, generators, sampler)
+        pred = samples.mean(dim=1)
+        prior = condition[:, self.network.prior_channels]
+        _, net = self.loss(pred, target, mask, bval)
+        _, pri = self.loss(prior, target, mask, bval)
+        centre = self.model_config.context_slices * self.model_config.features_per_slice
+        fit2 = torch.zeros_like(target)
+        fit2[:, :6] = condition[:, centre : centre + 6]
+        fa = self.loss.fa
+        fit2_fa = masked_mean((fa(fit2, bval) - fa(target, bval)).abs(), mask).item()
+        out = {f"net_{k}": v for k, v in net.items()}
+        out.update({f"prior_{k}": v for k, v in pri.items()})
+        out["fit2_fa_mae"] = fit2_fa
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def save_state(self) -> Path:
+        """Write the resumable state (atomically)."""
+        extra = {
+            "config": self.config.to_dict(),
+            "model": self.model_config.to_dict(),
+            "rng": json.dumps(self.rng.bit_generator.state),
+            "wall_s": self.wall_s,
+        }
+        path = Path(self.config.output) / STATE_NAME
+        return save_training_state(path, self.network, self.optimizer, None, self.step, extra)
+
+    def load_state(self) -> None:
+        """Resume from the state in the output folder."""
+        path = Path(self.config.output) / STATE_NAME
+        self.step, extra = load_training_state(path, self.network, self.optimizer)
+        if extra.get("model") != self.model_config.to_dict():
+            raise Qid2Error(f"{path}: the model configuration changed; start a new output")
+        self.rng.bit_generator.state = json.loads(extra["rng"])
+        self.wall_s = float(extra.get("wall_s", 0.0))
+
+    def snapshot(self) -> Path:
+        """Save the weights of this step under ``snapshots/``."""
+        folder = Path(self.config.output) / "snapshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{self.step:07d}.pt"
+        torch.save(self.network.state_dict(), path)
+        return path
+
+
+def _sampler_settings(config: FieldConfig, kind: str) -> dict:
+    values = config.sampler_defaults[kind]
+    return {
+        "n_steps": int(values["n_steps"]),
+        "n_samples": int(values["n_samples"]),
+        "t_start": int(values["t_start"]),
+    }
+
+
+def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, echo=print) -> Path:
+    """Train (or resume) until ``config.steps`` or `max_minutes`; returns the state path.
+
+    Parameters
+    ----------
+    config : FieldTrainConfig
+        The settings.
+    max_minutes : float, optional
+        Stop (after saving the state) once this much wall time has passed.
+    echo : callable
+        Receives printed lines.
+
+    Returns
+    -------
+    Path
+        The training state.
+
+    """
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    trainer = FieldTrainer(config, echo=echo)
+    log_path = out / LOG_NAME
+
+    def log(event: str, **fields) -> None:
+        with open(log_path, "a") as handle:
+            handle.write(json.dumps({"event": event, **fields}, sort_keys=True) + "\n")
+
+    if (out / STATE_NAME).exists():
+        trainer.load_state()
+        echo(f"resumed at step {trainer.step}")
+    else:
+        n_params = sum(p.numel() for p in trainer.network.parameters())
+        log("start", model=trainer.model_config.to_dict(), parameters=n_params)
+        log("validate", step=0, **trainer.validate())
+    started = time.monotonic()
+    last_save = started
+    recent: list[dict] = []
+    while trainer.step < config.steps:
+        t0 = time.monotonic()
+        recent.append(trainer.train_step())
+        trainer.wall_s += time.monotonic() - t0
+        step = trainer.step
+        if step % config.log_every == 0:
+            means = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
+            lr = trainer.learning_rate(step - 1)
+            log("train", step=step, lr=lr, slabs=len(trainer.pool.slabs), **means)
+            echo(f"step {step} loss {means['loss']:.4f} fa {means['fa_mae']:.4f} lr {lr:.2e}")
+            recent = []
+        if step % config.rescan_every == 0:
+            trainer.pool.rescan()
+        if step % config.validate_every == 0:
+            metrics = trainer.validate()
+            log("validate", step=step, **metrics)
+            echo(
+                f"validate {step}: FA MAE net {metrics['net_fa_mae']:.4f} prior "
+                f"{metrics['prior_fa_mae']:.4f} fit2 {metrics['fit2_fa_mae']:.4f}"
+            )
+        if step % config.snapshot_every == 0:
+            trainer.snapshot()
+        now = time.monotonic()
+        if now - last_save > 60 * config.checkpoint_minutes:
+            trainer.save_state()
+            last_save = now
+        if max_minutes is not None and now - started > 60 * max_minutes:
+            break
+    return trainer.save_state()
+
+
+def training_record(output: str | Path) -> dict[str, Any]:
+    """Summarise a run folder for the model's config.json (protocol, steps, time, metrics).
+
+    Parameters
+    ----------
+    output : str or Path
+        The run folder.
+
+    Returns
+    -------
+    dict
+
+    """
+    import os
+    import platform
+
+    from .. import __version__
+
+    output = Path(output)
+    config = json.loads((output / "train_config.json").read_text())
+    events = [json.loads(line) for line in (output / LOG_NAME).read_text().splitlines() if line]
+    validations = [e for e in events if e["event"] == "validate"]
+    state = torch.load(output / STATE_NAME, map_location="cpu", weights_only=True)
+    slabs = sorted(Path(config["slabs"]).glob("slab-*.npz"))
+    return {
+        "kind": "sh-field",
+        "qid2_version": __version__,
+        "data": {
+            "source": "qid2_bidsapp.sim.slabs (simulated brains, noise-free SH coefficients; "
+            "random protocols and Rician noise drawn per example by model.field_data)",
+            "slabs_available": len(slabs),
+            "protocol": {**asdict(Protocol()), **config.get("protocol", {})},
+            "real_data": "none (every real scan is held out)",
+        },
+        "steps": int(state["step"]),
+        "steps_planned": int(config["steps"]),
+        "wall_time_s": float(state["extra"].get("wall_s", 0.0)),
+        "cpu_hours": float(state["extra"].get("wall_s", 0.0)) * config["num_threads"] / 3600,
+        "hardware": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": config["num_threads"],
+        },
+        "optimizer": {
+            "name": "AdamW",
+            "lr": config["lr"],
+            "lr_min": config["lr_min"],
+            "schedule": "linear warm-up, cosine decay",
+            "weight_decay": config["weight_decay"],
+            "batch_size": config["batch_size"],
+            "crop": config["crop"],
+        },
+        "loss": {
+            "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|",
+            "signal_weight": config["signal_weight"],
+            "fa_weight": config["fa_weight"],
+            "target": "noise-free coefficients",
+            "prior_start_fraction": config["prior_start_fraction"],
+        },
+        "final_validation": validations[-1] if validations else None,
+        "seed": config["seed"],
+    }
+
+
+def export_model(
+    output: str | Path, folder: str | Path, *, card: str, weights: str | Path | None = None
+) -> Path:
+    """Write a model folder from a run: the state's (or a snapshot's) weights, config, card.
+
+    Parameters
+    ----------
+    output : str or Path
+        The run folder.
+    folder : str or Path
+        Destination model folder (replaced if it holds a model).
+    card : str
+        Markdown of MODEL_CARD.md.
+    weights : str or Path, optional
+        A snapshot (``snapshots/step-*.pt``) to export instead of the state's weights.
+
+    Returns
+    -------
+    Path
+
+    """
+    from .checkpoint import save_model
+
+    output = Path(output)
+    state = torch.load(output / STATE_NAME, map_location="cpu", weights_only=True)
+    config = FieldConfig(**state["extra"]["model"])
+    network = ShFieldNetwork(config)
+    tensors = state["model"]
+    if weights is not None:
+        tensors = torch.load(weights, map_location="cpu", weights_only=True)
+    network.load_state_dict(tensors)
+    record = training_record(output)
+    if weights is not None:
+        record["exported_weights"] = Path(weights).name
+    return save_model(folder, network, config, training=record, card=card, overwrite=True)
+
+
+if __name__ == "__main__":  # python -m qid2_bidsapp.model.field_train CONFIG [MAX_MINUTES]
+    import sys
+
+    minutes = float(sys.argv[2]) if len(sys.argv) > 2 else None
+    train_field(FieldTrainConfig.from_file(sys.argv[1]), max_minutes=minutes)

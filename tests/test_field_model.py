@@ -1,0 +1,285 @@
+"""The SH-field model: features, network, sampler, engine and training (CPU, tiny configs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+from qid2_bidsapp.model.field_config import FieldConfig
+from qid2_bidsapp.model.field_features import (
+    coefficient_scales,
+    context_indices,
+    evaluation_matrix,
+    fit_matrices,
+    scalar_values,
+    shell_features,
+    slice_condition,
+)
+from qid2_bidsapp.shm import sh_prediction_matrix
+
+from .helpers import save_tiny_field_model, tensor_coefficient_slab
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHAPE = (20, 18, 5)
+BVAL = 1000.0
+
+
+@pytest.fixture(scope="module")
+def shell():
+    bvecs = hemisphere_directions(12, seed=0)
+    signal, brain = phantom_signal(SHAPE, np.full(12, BVAL), bvecs)
+    b0, _ = phantom_signal(SHAPE, np.zeros(1), np.zeros((1, 3)))
+    rng = np.random.default_rng(0)
+    noisy = np.abs(signal + rng.normal(0, 20, signal.shape)).astype(np.float32)
+    return noisy, b0[..., 0], brain, bvecs
+
+
+@pytest.fixture(scope="module")
+def random_field_model(tmp_path_factory):
+    return save_tiny_field_model(tmp_path_factory.mktemp("models") / "field")
+
+
+@pytest.fixture(scope="module")
+def untrained_field_model(tmp_path_factory):
+    return save_tiny_field_model(tmp_path_factory.mktemp("models") / "field0", random=False)
+
+
+def _engine(folder, **options):
+    from qid2_bidsapp.engines.base import get_engine
+
+    settings = {"device": "cpu", "n_steps": 2, "n_samples": 2, "seed": 3}
+    settings.update(options)
+    return get_engine("qid2", model_dir=str(folder), **settings)
+
+
+# ----------------------------------------------------------------------------- config, features
+
+
+def test_config_round_trip_and_checks():
+    cfg = FieldConfig.tiny(context_slices=2)
+    assert FieldConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.condition_channels == 5 * cfg.features_per_slice + 3
+    with pytest.raises(ValueError, match="order_scales"):
+        FieldConfig(order_scales=(1.0, 2.0))
+    with pytest.raises(ValueError, match="unknown"):
+        FieldConfig.from_dict({"typo": 1})
+
+
+def test_regularised_fit_is_the_sh_engine_prediction(shell):
+    signal, b0, brain, bvecs = shell
+    cfg = FieldConfig.tiny()
+    _, prior = shell_features(signal, b0, brain, bvecs, cfg, s0_ref=1.0)
+    targets = hemisphere_directions(7, seed=5)
+    from_prior = prior.astype(np.float64) @ evaluation_matrix(targets, cfg).T
+    ratio = signal / np.maximum(b0[..., None], 1e-6)
+    expected = ratio @ sh_prediction_matrix(bvecs, targets, cfg.sh_order, cfg.prior_lambda).T
+    inside = brain & (ratio.max(axis=-1) < cfg.signal_clip)
+    np.testing.assert_allclose(from_prior[inside], expected[inside], atol=1e-4)
+
+
+def test_features_do_not_depend_on_signal_units(shell):
+    signal, b0, brain, bvecs = shell
+    cfg = FieldConfig.tiny()
+    base, _ = shell_features(signal, b0, brain, bvecs, cfg)
+    for scale in (1e-3, 1e6):
+        scaled, _ = shell_features(signal * scale, b0 * scale, brain, bvecs, cfg)
+        np.testing.assert_allclose(scaled, base, rtol=1e-4, atol=1e-5)
+
+
+def test_features_do_not_depend_on_direction_order(shell):
+    signal, b0, brain, bvecs = shell
+    cfg = FieldConfig.tiny()
+    order = np.random.default_rng(1).permutation(len(bvecs))
+    a, _ = shell_features(signal, b0, brain, bvecs, cfg)
+    b, _ = shell_features(signal[..., order], b0, brain, -bvecs[order], cfg)  # and sign flips
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_slice_condition_stacks_context_with_repeated_edges():
+    cfg = FieldConfig.tiny(context_slices=1)
+    feats = np.random.default_rng(0).normal(size=(6, 5, 4, cfg.features_per_slice))
+    feats = feats.astype(np.float32)
+    cond = slice_condition(feats, 0, 1, scalar_values(1000, 30, 2))
+    assert cond.shape == (cfg.condition_channels, 6, 5)
+    per = cfg.features_per_slice
+    np.testing.assert_array_equal(cond[:per], np.moveaxis(feats[:, :, 0], -1, 0))
+    np.testing.assert_array_equal(cond[per : 2 * per], cond[:per])  # slice -1 -> slice 0
+    np.testing.assert_array_equal(cond[2 * per : 3 * per], np.moveaxis(feats[:, :, 1], -1, 0))
+    np.testing.assert_allclose(cond[-3:, 0, 0], [1.0, np.sqrt(6 / 30), 1 / np.sqrt(2)])
+    assert context_indices(3, 4, 2).tolist() == [1, 2, 3, 3, 3]
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def test_untrained_network_returns_the_prior():
+    from qid2_bidsapp.model.field_network import ShFieldNetwork
+
+    cfg = FieldConfig.tiny()
+    net = ShFieldNetwork(cfg).eval()
+    cond = torch.randn(2, cfg.condition_channels, 16, 16)
+    x = torch.randn(2, cfg.n_coefficients, 16, 16)
+    out = net(x, cond, torch.tensor([0, 50]))
+    torch.testing.assert_close(out, cond[:, net.prior_channels])
+    with pytest.raises(ValueError, match="multiples"):
+        net(x[..., :15], cond[..., :15], torch.tensor([0, 1]))
+
+
+def test_tensor_fa_matches_dipy_on_a_tensor_field():
+    from dipy.reconst.dti import fractional_anisotropy
+
+    from qid2_bidsapp.model.field_network import TensorFA
+
+    slab = tensor_coefficient_slab(0)
+    cfg = FieldConfig.tiny()
+    model = torch.from_numpy(
+        np.moveaxis(slab.coefs[:, :, :1].astype(np.float32)[:, :, 0] * coefficient_scales(cfg), -1, 0)
+    )[None].float()
+    fa = TensorFA(cfg)(model, torch.tensor([slab.bval]))[0].numpy()
+    # the field was made from axially symmetric tensors with known eigenvalues
+    x, y = np.meshgrid(*[np.linspace(0, np.pi, n) for n in slab.coefs.shape[:2]], indexing="ij")
+    lam_perp = 1.7e-3 * (1 - (0.4 + 0.4 * np.sin(x + y) ** 2))
+    evals = np.stack([np.full_like(lam_perp, 1.7e-3), lam_perp, lam_perp], axis=-1)
+    np.testing.assert_allclose(fa, fractional_anisotropy(evals), atol=0.02)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def test_engine_output_is_antipodally_symmetric(shell, random_field_model):
+    signal, b0, brain, bvecs = shell
+    targets = hemisphere_directions(6, seed=7)
+    engine = _engine(random_field_model)
+    plus = engine.predict(signal, b0, bvecs, targets, BVAL, brain)
+    minus = engine.predict(signal, b0, bvecs, -targets, BVAL, brain)
+    np.testing.assert_allclose(plus, minus, rtol=1e-5, atol=1e-3)
+    assert plus[brain].std() > 0
+
+
+def test_engine_output_does_not_depend_on_input_order(shell, random_field_model):
+    signal, b0, brain, bvecs = shell
+    targets = hemisphere_directions(6, seed=7)
+    order = np.random.default_rng(2).permutation(len(bvecs))
+    engine = _engine(random_field_model)
+    a = engine.predict(signal, b0, bvecs, targets, BVAL, brain)
+    b = engine.predict(signal[..., order], b0, bvecs[order], targets, BVAL, brain)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
+
+
+def test_engine_is_seeded_and_reports_uncertainty(shell, random_field_model):
+    signal, b0, brain, bvecs = shell
+    targets = hemisphere_directions(4, seed=7)
+    a_mean, a_std = _engine(random_field_model).predict_with_uncertainty(
+        signal, b0, bvecs, targets, BVAL, brain
+    )
+    b_mean, _ = _engine(random_field_model, batch_size=1).predict_with_uncertainty(
+        signal, b0, bvecs, targets, BVAL, brain
+    )
+    c_mean, _ = _engine(random_field_model, seed=4).predict_with_uncertainty(
+        signal, b0, bvecs, targets, BVAL, brain
+    )
+    np.testing.assert_allclose(a_mean, b_mean, rtol=1e-5, atol=1e-3)  # batch size: no effect
+    assert not np.allclose(a_mean, c_mean)
+    assert a_std[brain].max() > 0 and np.all(a_std[~brain] == 0)
+    settings = _engine(random_field_model).settings()
+    assert settings["model_kind"] == "sh-field" and settings["amp"] is False
+
+
+def test_untrained_engine_returns_the_sh_prior(shell, untrained_field_model):
+    signal, b0, brain, bvecs = shell
+    targets = hemisphere_directions(5, seed=8)
+    engine = _engine(untrained_field_model, temperature=0.0, n_samples=1)
+    out = engine.predict(signal, b0, bvecs, targets, BVAL, brain)
+    cfg = engine.config
+    ratio = np.clip(signal / np.maximum(b0[..., None], 1e-6), 0, cfg.signal_clip)
+    prior = ratio @ sh_prediction_matrix(bvecs, targets, cfg.sh_order, cfg.prior_lambda).T
+    expected = np.clip(prior, 0, None) * b0[..., None]
+    np.testing.assert_allclose(out[brain], expected[brain], rtol=1e-3, atol=0.5)
+
+
+def test_network_passes_do_not_grow_with_the_number_of_targets(shell, random_field_model):
+    signal, b0, brain, bvecs = shell
+    engine = _engine(random_field_model, batch_size=8)  # every slice in one batch
+    calls = []
+    hook = engine.network.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        engine.predict(signal, b0, bvecs, hemisphere_directions(4, seed=1), BVAL, brain)
+        few = len(calls)
+        calls.clear()
+        engine.predict(signal, b0, bvecs, hemisphere_directions(60, seed=1), BVAL, brain)
+    finally:
+        hook.remove()
+    assert len(calls) == few == 2  # n_steps passes over all slices (one batch)
+
+
+def test_field_model_folder_round_trip(random_field_model):
+    from qid2_bidsapp.model.checkpoint import load_model, read_model_config
+
+    network, config, info = load_model(random_field_model)
+    assert isinstance(config, FieldConfig)
+    assert read_model_config(random_field_model) == config
+    assert info["model_id"].startswith("field-")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_example_is_built_like_inference():
+    from qid2_bidsapp.model.field_data import Protocol, make_field_example
+
+    cfg = FieldConfig.tiny()
+    slab = tensor_coefficient_slab(1)
+    a = make_field_example(slab, np.random.default_rng(5), cfg, crop=16)
+    b = make_field_example(slab, np.random.default_rng(5), cfg, crop=16)
+    np.testing.assert_array_equal(a["condition"], b["condition"])
+    assert a["condition"].shape == (cfg.condition_channels, 16, 16)
+    assert a["target"].shape == (cfg.n_coefficients, 16, 16)
+    proto = Protocol(n_directions=(30, 30), snr=(1e6, 1e6), n_b0=(6, 6))
+    clean = make_field_example(slab, np.random.default_rng(6), cfg, crop=16, protocol=proto)
+    m = clean["mask"] > 0
+    start = cfg.context_slices * cfg.features_per_slice
+    order2 = clean["condition"][start : start + 6]
+    # almost no noise and 30 directions: the order-2 least-squares fit is the target's
+    np.testing.assert_allclose(order2[:, m], clean["target"][:6][:, m], atol=0.05)
+
+
+def test_tiny_training_lowers_the_loss(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+    from qid2_bidsapp.sim.slabs import write_slab
+
+    slabs = tmp_path / "slabs"
+    slabs.mkdir()
+    for k in range(3):
+        write_slab(tensor_coefficient_slab(k), slabs / f"slab-0-{k:06d}.npz")
+    val = tmp_path / "run" / "val_slabs"
+    val.mkdir(parents=True)
+    write_slab(tensor_coefficient_slab(9), val / "slab-1-000000.npz")
+    config = FieldTrainConfig(
+        slabs=str(slabs),
+        output=str(tmp_path / "run"),
+        model=FieldConfig.tiny().to_dict(),
+        batch_size=4,
+        crop=16,
+        steps=60,
+        lr=3e-3,
+        warmup_steps=5,
+        n_val_slabs=1,
+        n_val_examples=4,
+        num_threads=1,
+        protocol={"snr": [20, 20]},
+    )
+    trainer = FieldTrainer(config, echo=lambda *_: None)
+    before = trainer.validate()
+    losses = [trainer.train_step()["loss"] for _ in range(60)]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    after = trainer.validate()
+    assert after["net_coef_mse"] < before["net_coef_mse"]
+    trainer.save_state()
+    again = FieldTrainer(config, echo=lambda *_: None)
+    again.load_state()
+    assert again.step == 60
