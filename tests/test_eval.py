@@ -375,3 +375,48 @@ def test_sim_slab_option_is_parsed_and_checked():
     for bad in ("40:30", "a:b", "30"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--simulated", "1", "--sim-slab", bad, "--out", "x"])
+
+
+# ----------------------------------------------------------------------------- extra metrics
+
+
+def test_equivalent_directions_interpolates_a_falling_curve():
+    from qid2_bidsapp.evaluation.equivalence import direction_grid, equivalent_directions
+
+    curve = [(6, 0.10), (10, 0.06), (20, 0.03), (40, 0.01)]
+    assert equivalent_directions(curve, 0.06) == 10
+    assert equivalent_directions(curve, 0.045) == pytest.approx(15.0)
+    assert equivalent_directions(curve, 0.2) == float("-inf")
+    assert equivalent_directions(curve, 0.001) == float("inf")
+    grid = direction_grid(90, include=(30,))
+    assert grid[0] == 6 and grid[-1] == 90 and 30 in grid
+
+
+def test_extra_metrics_on_the_phantom(phantom):
+    from qid2_bidsapp.evaluation.harness import evaluate_case
+
+    rows = evaluate_case(
+        phantom, [Method("none", "none"), Method("sh", "sh")], hardi=True, equivalence=True
+    )
+    by = {r["method"]: r for r in rows}
+    n_in = by["none"]["n_input"]
+    # DTI on the input subset is, by construction, worth its own direction count
+    assert by["none"]["equiv_dirs"] == pytest.approx(n_in, abs=0.5)
+    assert by["full"]["equiv_dirs_truth"] == pytest.approx(phantom.heldout_indices.size + n_in)
+    for row in (by["none"], by["sh"]):
+        assert 0.0 < row["csd_acc"] <= 1.0 and 0.0 <= row["csd_peak_deg"] < 90.0
+        assert row["md_mae"] > 0 and np.isfinite(row["fa_bias"])
+    assert by["sh"]["csd_acc"] > by["none"]["csd_acc"]  # more directions, closer fODF
+
+
+def test_hardi_metrics_of_identical_data_are_perfect(phantom):
+    from qid2_bidsapp.evaluation.hardi import hardi_metrics
+    from qid2_bidsapp.qc import fit_dti
+
+    fa = fit_dti(phantom.data, phantom.bvals, phantom.bvecs, phantom.mask).fa
+    wm = phantom.mask & (fa > 0.3)
+    args = (phantom.data, phantom.bvals, phantom.bvecs)
+    metrics, _ = hardi_metrics(*args, *args, wm)
+    assert metrics["csd_acc"] == pytest.approx(1.0)
+    assert metrics["csd_peak_deg"] == pytest.approx(0.0)
+    assert metrics["csd_voxels"] == min(int(wm.sum()), metrics["csd_voxels"]) > 0

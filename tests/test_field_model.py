@@ -11,7 +11,6 @@ from qid2_bidsapp.model.field_features import (
     coefficient_scales,
     context_indices,
     evaluation_matrix,
-    fit_matrices,
     scalar_values,
     shell_features,
     slice_condition,
@@ -137,9 +136,8 @@ def test_tensor_fa_matches_dipy_on_a_tensor_field():
 
     slab = tensor_coefficient_slab(0)
     cfg = FieldConfig.tiny()
-    model = torch.from_numpy(
-        np.moveaxis(slab.coefs[:, :, :1].astype(np.float32)[:, :, 0] * coefficient_scales(cfg), -1, 0)
-    )[None].float()
+    first = slab.coefs[:, :, 0].astype(np.float32) * coefficient_scales(cfg)
+    model = torch.from_numpy(np.moveaxis(first, -1, 0))[None].float()
     fa = TensorFA(cfg)(model, torch.tensor([slab.bval]))[0].numpy()
     # the field was made from axially symmetric tensors with known eigenvalues
     x, y = np.meshgrid(*[np.linspace(0, np.pi, n) for n in slab.coefs.shape[:2]], indexing="ij")

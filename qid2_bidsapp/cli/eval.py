@@ -40,6 +40,15 @@ SH features (order 4, λ = 0.006, DIPY descoteaux07 basis) of input + predicted 
 of the full acquisition, averaged over shells. `vs best classical`: median over cases of the
 method's FA MAE divided by the lower FA MAE of `sh` and `none` on the same case (< 0.85 = beats
 the best classical method by at least 15 %). seconds: prediction time per case (median).
+FA bias: mean of (merged FA - reference FA) in the mask, signed (negative: the method lowers FA).
+MD MAE: in 10^-3 mm^2/s. `≈ N acquired` (`--equivalent-directions`): DTI is fitted on best-spread
+subsets of N directions of the full acquisition (all b=0 kept); the method's FA MAE is matched on
+that curve (linear interpolation): its data are worth N acquired directions ("> full": better
+than the full scan against the truth; "< smallest": worse than 6 directions). CSD
+(`--hardi`): DIPY constrained spherical deconvolution (one response, from the reference; order
+from the direction count, 6-8) on the merged data vs on the reference, in white matter
+(reference FA > 0.3, at most 6000 voxels): median fODF angular correlation (ACC, orders >= 2)
+and median angle between the largest fODF peaks.
 """
 
 
@@ -179,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--sh-lambda", type=float, default=0.006, help="regularisation of 'sh'")
     meth.add_argument("--n-neighbours", type=_positive_int, default=3, help="R of 'interp'")
     meth.add_argument("--mrtrix-lmax", type=int, help="amp2sh -lmax (default: MRtrix3's)")
+    extra = parser.add_argument_group("extra metrics")
+    extra.add_argument(
+        "--hardi",
+        action="store_true",
+        help="also run DIPY CSD on the merged and the reference data: fODF ACC and main-peak "
+        "angular error in white matter (reference FA > 0.3)",
+    )
+    extra.add_argument(
+        "--equivalent-directions",
+        action="store_true",
+        help="also fit DTI on best-spread subsets of N acquired directions and report, per "
+        "method, the N whose FA error matches it",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed (phantoms, simulation, qid2)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -389,7 +411,15 @@ def main(argv: list[str] | None = None) -> int:
             log(note)
         if not methods:
             raise Qid2Error("no method left to run (see the notes above)")
-        rows = add_ratios(evaluate(iter_cases(args), methods, log=log))
+        rows = add_ratios(
+            evaluate(
+                iter_cases(args),
+                methods,
+                log=log,
+                hardi=args.hardi,
+                equivalence=args.equivalent_directions,
+            )
+        )
         if not rows:
             raise Qid2Error("no case to evaluate")
         _write_outputs(rows, notes, command, args.out)

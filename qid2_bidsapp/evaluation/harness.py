@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from ..qc import fit_dti
+from ..qc import fit_dti, masked_mae
 from .cases import EvalCase
 from .methods import Method, predict_heldout
 from .metrics import fa_mae, nrmse, psnr, rish_features, ssim, volume_ssim
@@ -32,13 +32,27 @@ COLUMNS = (
     "psnr",
     "ssim",
     *(f"rish_l{ell}_nmse" for ell in RISH_ORDERS),
+    "fa_bias",
+    "md_mae",
+    "equiv_dirs",
+    "csd_acc",
+    "csd_peak_deg",
     "fa_mae_truth",
     "fa_ssim_truth",
     "nrmse_truth",
     "psnr_truth",
     "ssim_truth",
     *(f"rish_l{ell}_nmse_truth" for ell in RISH_ORDERS),
+    "fa_bias_truth",
+    "md_mae_truth",
+    "equiv_dirs_truth",
+    "csd_acc_truth",
+    "csd_peak_deg_truth",
 )
+#: MD errors are reported in 10^-3 mm^2/s.
+MD_UNIT = 1e-3
+#: White matter of the HARDI metrics: reference FA above this (`hardi.WM_FA`).
+WM_FA_FOR_HARDI = 0.3
 
 
 def _rish_by_shell(
@@ -65,8 +79,8 @@ def _rish_nmse(
 
 def _score_against(
     prefix: str,
-    fa: np.ndarray,
-    fa_reference: np.ndarray,
+    dti,
+    dti_reference,
     prediction: np.ndarray | None,
     reference_volumes: np.ndarray,
     rish: dict,
@@ -75,9 +89,12 @@ def _score_against(
 ) -> dict:
     """Every metric of one method against one reference (acquired or truth)."""
     suffix = "" if prefix == "acquired" else "_truth"
+    fa, fa_reference = dti.fa, dti_reference.fa
     row = {
         f"fa_mae{suffix}": fa_mae(fa, fa_reference, mask),
         f"fa_ssim{suffix}": ssim(fa, fa_reference, mask, data_range=1.0),
+        f"fa_bias{suffix}": float(np.mean(fa[mask] - fa_reference[mask])) if mask.any() else 0.0,
+        f"md_mae{suffix}": masked_mae(dti.md / MD_UNIT, dti_reference.md / MD_UNIT, mask),
     }
     nan = float("nan")
     if prediction is not None:
@@ -99,13 +116,16 @@ def evaluate_case(
     methods: Iterable[Method],
     *,
     log: Callable[[str], None] | None = None,
+    hardi: bool = False,
+    equivalence: bool = False,
 ) -> list[dict]:
     """Run every method on one case and score it.
 
     Each method predicts the held-out volumes from the input subset; DTI on the merged
-    acquisition (input + predicted volumes, in the full acquisition's order) gives its FA, which
-    is compared with DTI on the full acquisition (and, for simulations, on the noise-free
-    truth). ``none`` is DTI on the input subset alone. Synthesised volumes are compared with the
+    acquisition (input + predicted volumes, in the full acquisition's order) gives its FA and
+    MD, which are compared with DTI on the full acquisition (and, for simulations, on the
+    noise-free truth): FA MAE, FA SSIM, signed FA bias (mean of merged - reference in the mask),
+    MD MAE. ``none`` is DTI on the input subset alone. Synthesised volumes are compared with the
     acquired (and the true) held-out volumes; RISH features (SH order 4) of each shell of the
     merged acquisition with those of the full one. Every metric is computed in ``case.mask``.
 
@@ -117,6 +137,12 @@ def evaluate_case(
         Methods to run, in order.
     log : callable, optional
         Called with one line per finished method.
+    hardi : bool
+        Also score CSD on the merged data against CSD on the reference (`hardi.hardi_metrics`:
+        ACC and main-peak angle in white matter).
+    equivalence : bool
+        Also report each method's equivalent number of acquired directions
+        (`equivalence.equivalent_directions`).
 
     Returns
     -------
@@ -130,19 +156,57 @@ def evaluate_case(
     labels = case.shell_labels
     held = case.heldout_indices
     inputs = case.input_indices
-    fa_ref = fit_dti(case.data, case.bvals, case.bvecs, mask, b0_threshold=case.b0_threshold).fa
+    thr = case.b0_threshold
+    dti_ref = fit_dti(case.data, case.bvals, case.bvecs, mask, b0_threshold=thr)
     rish_ref = _rish_by_shell(case.data, case.bvecs, labels, mask)
+    references = {"acquired": (case.data, dti_ref, rish_ref)}
     truth = case.truth
     if truth is not None:
-        fa_truth = fit_dti(truth, case.bvals, case.bvecs, mask, b0_threshold=case.b0_threshold).fa
-        rish_truth = _rish_by_shell(truth, case.bvecs, labels, mask)
+        dti_truth = fit_dti(truth, case.bvals, case.bvecs, mask, b0_threshold=thr)
+        references["truth"] = (truth, dti_truth, _rish_by_shell(truth, case.bvecs, labels, mask))
+    suffix = {"acquired": "", "truth": "_truth"}
     base = {
         "group": case.group,
         "case": case.name,
         "protocol": case.protocol(),
-        "n_input": int(np.sum(case.bvals[inputs] > case.b0_threshold)),
+        "n_input": int(np.sum(case.bvals[inputs] > thr)),
         "n_heldout": int(held.size),
     }
+    curves = {}
+    if equivalence:
+        from .equivalence import subset_curve
+
+        n_in = int(np.min([np.sum(labels[inputs] == s) for s in np.unique(labels[held])]))
+        curves = subset_curve(
+            case.data, case.bvals, case.bvecs, labels, mask,
+            {name: ref[1].fa for name, ref in references.items()},
+            b0_threshold=thr, include=(n_in,),
+        )  # fmt: skip
+    wm = mask & (dti_ref.fa > WM_FA_FOR_HARDI)
+    odf_cache: dict[str, np.ndarray] = {}
+
+    def score(row, data, bvals, bvecs, dti, rish, prediction, against=references):
+        for name, (ref_data, ref_dti, ref_rish) in against.items():
+            ref_volumes = ref_data[..., held]
+            row.update(
+                _score_against(name, dti, ref_dti, prediction, ref_volumes, rish, ref_rish, mask)
+            )
+            if name in curves:
+                from .equivalence import equivalent_directions
+
+                row[f"equiv_dirs{suffix[name]}"] = equivalent_directions(
+                    curves[name], row[f"fa_mae{suffix[name]}"]
+                )
+            if hardi:
+                from .hardi import hardi_metrics
+
+                metrics, odf_cache[name] = hardi_metrics(
+                    data, bvals, bvecs, ref_data, case.bvals, case.bvecs, wm,
+                    b0_threshold=thr, reference_odf=odf_cache.get(name),
+                )  # fmt: skip
+                row[f"csd_acc{suffix[name]}"] = metrics["csd_acc"]
+                row[f"csd_peak_deg{suffix[name]}"] = metrics["csd_peak_deg"]
+
     rows = []
     for method in methods:
         start = time.perf_counter()
@@ -155,20 +219,10 @@ def evaluate_case(
             data = case.data.copy()
             data[..., held] = prediction
             bvals, bvecs, sub_labels = case.bvals, case.bvecs, labels
-        fa = fit_dti(data, bvals, bvecs, mask, b0_threshold=case.b0_threshold).fa
+        dti = fit_dti(data, bvals, bvecs, mask, b0_threshold=thr)
         rish = _rish_by_shell(data, bvecs, sub_labels, mask)
         row = {**base, "method": method.label, "seconds": seconds}
-        row.update(
-            _score_against(
-                "acquired", fa, fa_ref, prediction, case.data[..., held], rish, rish_ref, mask
-            )
-        )
-        if truth is not None:
-            row.update(
-                _score_against(
-                    "truth", fa, fa_truth, prediction, truth[..., held], rish, rish_truth, mask
-                )
-            )
+        score(row, data, bvals, bvecs, dti, rish, prediction)
         rows.append(_complete(row))
         if log is not None:
             log(
@@ -178,11 +232,8 @@ def evaluate_case(
     if truth is not None:
         row = {**base, "method": FULL, "n_input": int(held.size + base["n_input"])}
         row["n_heldout"] = 0
-        row.update(
-            _score_against(
-                "truth", fa_ref, fa_truth, None, truth[..., held], rish_ref, rish_truth, mask
-            )
-        )
+        truth_only = {"truth": references["truth"]}
+        score(row, case.data, case.bvals, case.bvecs, dti_ref, rish_ref, None, truth_only)
         rows.append(_complete(row))
     return rows
 
@@ -197,6 +248,8 @@ def evaluate(
     methods: list[Method],
     *,
     log: Callable[[str], None] | None = None,
+    hardi: bool = False,
+    equivalence: bool = False,
 ) -> list[dict]:
     """Run `evaluate_case` on every case.
 
@@ -208,6 +261,8 @@ def evaluate(
         Methods to run on each.
     log : callable, optional
         Progress lines.
+    hardi, equivalence : bool
+        Extra metrics (see `evaluate_case`).
 
     Returns
     -------
@@ -217,5 +272,5 @@ def evaluate(
     """
     rows = []
     for case in cases:
-        rows.extend(evaluate_case(case, methods, log=log))
+        rows.extend(evaluate_case(case, methods, log=log, hardi=hardi, equivalence=equivalence))
     return rows

@@ -33,7 +33,19 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value))
 
 
+#: Optional summary columns shown when any row has them: (key, header, format).
+_OPTIONAL = (
+    ("fa_bias", "FA bias", "+.4f"),
+    ("md_mae", "MD MAE (1e-3 mm²/s)", ".4f"),
+    ("equiv_dirs", "≈ N acquired", ".1f"),
+    ("csd_acc", "CSD ACC", ".3f"),
+    ("csd_peak_deg", "CSD peak error °", ".1f"),
+)
+
+
 def _fmt(value, spec: str) -> str:
+    if _is_number(value) and math.isinf(value):
+        return "< smallest" if value < 0 else "> full"
     return format(value, spec) if _is_number(value) else "—"
 
 
@@ -168,7 +180,14 @@ def summary_markdown(rows: list[dict]) -> str:
         head = ["method", "FA MAE", "vs best classical", "FA SSIM"]
         if has_truth:
             head += ["FA MAE (truth)", "vs best (truth)", "FA SSIM (truth)"]
-        head += [h for _, h, _ in _SUMMARY[2:]] + ["seconds"]
+        head += [h for _, h, _ in _SUMMARY[2:]]
+        optional = [
+            (key + sfx, header + (" (truth)" if sfx else ""), spec)
+            for key, header, spec in _OPTIONAL
+            for sfx in ("", "_truth")
+            if any(_is_number(r.get(key + sfx)) for r in group_rows)
+        ]
+        head += [h for _, h, _ in optional] + ["seconds"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for method in _methods(group_rows):
@@ -183,6 +202,7 @@ def summary_markdown(rows: list[dict]) -> str:
                 cells += [_fmt(med("fa_mae_truth"), ".4f"), _fmt(med("ratio_truth"), ".2f")]
                 cells.append(_fmt(med("fa_ssim_truth"), ".3f"))
             cells += [_fmt(med(key), spec) for key, _, spec in _SUMMARY[2:]]
+            cells += [_fmt(med(key), spec) for key, _, spec in optional]
             cells.append(_fmt(med("seconds"), ".2f"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -226,7 +246,30 @@ def _verdicts(group_rows: list[dict]) -> list[str]:
             f"- `{method}`: median FA MAE ratio to the best classical method "
             f"{ratio:.2f}: {verdict}."
         )
+        worse = _worse_than_none(group_rows, method)
+        if worse is not None:
+            n_worse, n_cases_m, names = worse
+            listed = f" ({', '.join(names)})" if names else ""
+            lines.append(
+                f"  Worse than DTI on the given directions (`none`) in {n_worse} of "
+                f"{n_cases_m} case(s){listed}."
+            )
     return lines
+
+
+def _worse_than_none(group_rows: list[dict], method: str) -> tuple[int, int, list[str]] | None:
+    """Cases where `method` has a higher FA MAE than ``none`` (the safety claim)."""
+    none = {r["case"]: r.get("fa_mae") for r in group_rows if r["method"] == "none"}
+    if not none:
+        return None
+    pairs = [
+        (r["case"], r.get("fa_mae"), none.get(r["case"]))
+        for r in group_rows
+        if r["method"] == method and r["case"] in none
+    ]
+    pairs = [(c, a, b) for c, a, b in pairs if _is_number(a) and _is_number(b)]
+    names = [c for c, a, b in pairs if a > b]
+    return len(names), len(pairs), names
 
 
 def per_case_markdown(rows: list[dict], key: str = "fa_mae", spec: str = ".4f") -> str:
