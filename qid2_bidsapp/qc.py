@@ -401,6 +401,9 @@ def hidden_direction_check(
     local_hidden = choose_hidden_directions(bvecs[shell], n_hidden, seed)
     hidden = shell[local_hidden]
     kept = np.delete(shell, local_hidden)
+    configure = getattr(engine, "set_acquisition", None)
+    if callable(configure):  # engines conditioned on the S0 noise (qid2 SH-field models)
+        configure(n_b0=int(np.count_nonzero(bvals <= b0_threshold)))
     prediction = engine.predict(
         data[..., kept].astype(np.float32),
         _mean_b0(data, bvals, b0_threshold),

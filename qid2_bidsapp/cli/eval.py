@@ -27,6 +27,9 @@ VARIANT_KEYS = {
     "adapt_lr": ("adapt_lr", float),
 }
 
+#: Real scans bundled with DIPY that --dipy accepts (`evaluation.cases.DIPY_CASES`).
+DIPY_CASE_NAMES = ("small_64D",)
+
 DEFINITIONS = """\
 Protocol: each case is a full acquisition; every b=0 volume and the best-spread subset of each
 shell (lowest antipodal electrostatic energy) are given to the method, which predicts the other
@@ -117,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cases.add_argument(
         "--participant-label", nargs="+", metavar="LABEL", help="only these subjects of --bids"
+    )
+    cases.add_argument(
+        "--dipy",
+        action="append",
+        default=[],
+        choices=sorted(DIPY_CASE_NAMES),
+        help="a real scan bundled with DIPY (offline; small_64D: 64 directions at b=1000), "
+        "split by --fraction (repeatable)",
     )
     cases.add_argument(
         "--fraction",
@@ -293,12 +304,19 @@ def iter_cases(args: argparse.Namespace):
     EvalCase
 
     """
-    from ..evaluation.cases import load_bids_cases, phantom_case, simulated_cases
+    from ..evaluation.cases import (
+        load_bids_cases,
+        load_dipy_case,
+        phantom_case,
+        simulated_cases,
+    )
 
     for bids in args.bids:
         yield from load_bids_cases(
             bids, fraction=args.fraction, participant_labels=args.participant_label
         )
+    for name in args.dipy:
+        yield load_dipy_case(name, fraction=args.fraction)
     for k in range(args.phantom):
         yield phantom_case(snr=args.snr, seed=args.seed + k, name=f"phantom-{k:02d}")
     if args.simulated:
@@ -390,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not (args.bids or args.simulated or args.phantom):
-        parser.error("nothing to evaluate: give --bids DIR, --simulated N and/or --phantom N")
+    if not (args.bids or args.simulated or args.phantom or args.dipy):
+        parser.error(
+            "nothing to evaluate: give --bids DIR, --dipy NAME, --simulated N and/or --phantom N"
+        )
     argv_used = sys.argv[1:] if argv is None else argv
     command = "qid2-eval " + " ".join(shlex.quote(a) for a in argv_used)
 

@@ -234,6 +234,56 @@ def load_bids_cases(
     return cases
 
 
+#: Real single-shell scans that DIPY ships (offline): name -> description.
+DIPY_CASES = {"small_64D": "DIPY's small_64D: a real 10x10x10 crop, 2 mm, b=1000, 64 directions"}
+
+
+def load_dipy_case(name: str = "small_64D", *, fraction: float = 0.5) -> EvalCase:
+    """Load a real scan bundled with DIPY (`DIPY_CASES`), split like a BIDS run.
+
+    Parameters
+    ----------
+    name : str
+        Key of `DIPY_CASES` (``dipy.data.get_fnames`` name; read offline).
+    fraction : float, optional
+        Fraction of the shell given as input.
+
+    Returns
+    -------
+    EvalCase
+        Group ``dipy``; the mask is every voxel whose mean b=0 exceeds 20 % of its 95th
+        percentile (the crop lies inside the brain).
+
+    """
+    import nibabel as nib
+    from dipy.data import get_fnames
+
+    from ..gradients import GradientTable
+
+    if name not in DIPY_CASES:
+        raise InputError(name, f"is not a known DIPY scan; choose from {', '.join(DIPY_CASES)}")
+    fimg, fbval, fbvec = get_fnames(name=name)
+    img = nib.load(str(fimg))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    bvals, bvecs = np.loadtxt(fbval), np.loadtxt(fbvec)
+    if bvecs.shape == (3, bvals.size):  # FSL layout (small_64D's file is N x 3)
+        bvecs = bvecs.T
+    table = GradientTable(bvals, bvecs)
+    b0 = data[..., table.b0_mask].mean(axis=-1)
+    mask = b0 > 0.2 * np.percentile(b0, 95)
+    return EvalCase(
+        name=name,
+        group="dipy",
+        data=data,
+        bvals=table.bvals,
+        bvecs=table.bvecs,
+        mask=mask,
+        affine=img.affine,
+        input_indices=uniform_split(table.bvals, table.bvecs, fraction=fraction),
+        source=DIPY_CASES[name],
+    )
+
+
 # --------------------------------------------------------------------------- synthetic cases
 
 
