@@ -336,7 +336,14 @@ def _mean_b0(data: np.ndarray, bvals: np.ndarray, b0_threshold: float) -> np.nda
 
 def _nan_check(n_hidden: int) -> dict:
     """Self-check result when nothing can be hidden."""
-    return {"hidden_n": int(n_hidden), "hidden_nrmse": float("nan"), "hidden_fa_mae": float("nan")}
+    nan = float("nan")
+    return {
+        "hidden_n": int(n_hidden),
+        "hidden_nrmse": nan,
+        "hidden_fa_mae": nan,
+        "hidden_nrmse_sh": nan,
+        "hidden_nrmse_floor": nan,
+    }
 
 
 def hidden_direction_check(
@@ -351,6 +358,7 @@ def hidden_direction_check(
     seed: int = 0,
     fa_reference: np.ndarray | None = None,
     b0_threshold: float = 50.0,
+    noise_sigma: float | None = None,
 ) -> dict:
     """Self-check of an engine on one shell: hide acquired directions and predict them.
 
@@ -376,14 +384,19 @@ def hidden_direction_check(
         FA of DTI on all volumes of ``data``; computed when ``None``.
     b0_threshold : float, optional
         b-values at or below this count as b=0.
+    noise_sigma : float, optional
+        Noise standard deviation of the scan (`trust.estimate_noise`), for the noise floor.
 
     Returns
     -------
     dict
         ``hidden_n`` (int), ``hidden_nrmse`` (NRMSE of the predicted hidden volumes in the
-        mask) and ``hidden_fa_mae`` (mean absolute FA difference in the mask between DTI on
-        all volumes and DTI with the hidden volumes replaced by their predictions); the
-        metrics are NaN when ``hidden_n`` is 0.
+        mask), ``hidden_fa_mae`` (mean absolute FA difference in the mask between DTI on
+        all volumes and DTI with the hidden volumes replaced by their predictions),
+        ``hidden_nrmse_sh`` (the same NRMSE of the ``sh`` engine at its defaults: the
+        classical baseline) and ``hidden_nrmse_floor`` (what a perfect prediction would score:
+        `trust.noise_floor_nrmse`; NaN without `noise_sigma`); the metrics are NaN when
+        ``hidden_n`` is 0.
 
     """
     data = np.asarray(data)
@@ -413,6 +426,20 @@ def hidden_direction_check(
         mask,
     )
     nrmse = masked_nrmse(prediction, data[..., hidden], mask)
+    if getattr(engine, "name", None) == "sh":
+        nrmse_sh = nrmse
+    else:
+        from .engines.sh import SHUpsampler
+
+        baseline = SHUpsampler().predict(
+            data[..., kept].astype(np.float32), None, bvecs[kept], bvecs[hidden], 0.0, mask
+        )
+        nrmse_sh = masked_nrmse(baseline, data[..., hidden], mask)
+    floor = float("nan")
+    if noise_sigma is not None:
+        from .trust import noise_floor_nrmse
+
+        floor = noise_floor_nrmse(noise_sigma, data[..., hidden], mask)
 
     if fa_reference is None:
         fa_reference = fit_dti(data, bvals, bvecs, mask, b0_threshold=b0_threshold).fa
@@ -420,4 +447,10 @@ def hidden_direction_check(
     voxels[:, hidden] = prediction[mask]
     fa_replaced, _, _ = _fit_dti_voxels(voxels, bvals, bvecs, b0_threshold)
     fa_mae = masked_mae(fa_replaced, np.asarray(fa_reference)[mask], None)
-    return {"hidden_n": int(n_hidden), "hidden_nrmse": nrmse, "hidden_fa_mae": fa_mae}
+    return {
+        "hidden_n": int(n_hidden),
+        "hidden_nrmse": nrmse,
+        "hidden_fa_mae": fa_mae,
+        "hidden_nrmse_sh": nrmse_sh,
+        "hidden_nrmse_floor": floor,
+    }

@@ -225,7 +225,10 @@ def test_hidden_check_options(table, clean):
     reference = fit_dti(clean, bvals, bvecs, None).fa
     a = hidden_direction_check(clean, bvals, bvecs, shell, engine, None, fa_reference=reference)
     b = hidden_direction_check(clean, bvals, bvecs, shell, engine, None)
-    assert a == b
+    assert a.keys() == b.keys()
+    for key in a:  # equal, or both NaN (no noise level given: no floor)
+        assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key]))
+    assert a["hidden_nrmse_sh"] == a["hidden_nrmse"]  # the sh engine is its own baseline
     c = hidden_direction_check(clean, bvals, bvecs, shell, engine, None, n_hidden=6, seed=3)
     assert c["hidden_n"] == 6
     empty = hidden_direction_check(clean, bvals, bvecs, shell, engine, None, n_hidden=0)

@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--engine",
-        default="sh",
-        help="up-sampling engine (sh, interp, or qid2: the diffusion model, minutes on a CPU)",
+        default="qid2",
+        help="up-sampling engine: qid2 (default: the diffusion model; about a minute on a CPU), "
+        "sh or interp (classical, seconds)",
     )
     args = parser.parse_args(argv)
+    print(f"qid2-example: {_engine_line(args.engine)}")
     folder = args.folder.resolve()
     bids = folder / "bids"
     if not (bids / "dataset_description.json").exists():
@@ -54,8 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:
         status = qid2_main([*common, "group"])
     if status == 0:
+        print(f"qid2-example: used {_engine_line(args.engine)}")
         print(f"qid2-example: open {out / 'sub-01.html'} (participant) and {out / 'group.html'}")
     return status
+
+
+def _engine_line(engine: str) -> str:
+    """Say which engine (and, for qid2, which model on which device) the example uses."""
+    if engine != "qid2":
+        return f"engine {engine} (classical; the diffusion engine is --engine qid2)"
+    from ..engines.qid2 import default_model_dir, listed_weights_sha256, qid2_uses_cuda
+
+    folder = default_model_dir()
+    if folder is None:
+        return "engine qid2 (no model installed: the run will stop and say how to get one)"
+    sha = listed_weights_sha256(folder) or "unknown"
+    device = "GPU" if qid2_uses_cuda("auto") else "CPU"
+    return f"engine qid2 (diffusion model {folder.name}-{sha[:12]}, on the {device})"
 
 
 if __name__ == "__main__":

@@ -54,9 +54,18 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)  # default INFO, -v DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(message)s", "%H:%M:%S"))
+    # periodic progress lines go to the log file always, to the terminal only without a bar
+    handler.addFilter(lambda record: not (getattr(record, "progress", False) and _tty()))
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level)
     LOGGER.propagate = False
+
+
+def _tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _nipype_logging(verbose: int) -> dict:
@@ -154,12 +163,22 @@ def _progress_callback(total: int):
 
     bar = tqdm(total=total, desc="qid2", unit="step", disable=None, file=sys.stderr)
     failed: list[str] = []
+    started: dict[str, float] = {}
+    done = [0]
 
     def callback(node, status):
+        name = node.fullname.removeprefix("qid2_wf.")
+        if status == "start":
+            started[name] = time.perf_counter()
+            LOGGER.info("[%d/%d] running %s", done[0] + 1, total, name)
         if status in ("end", "exception"):
+            done[0] += 1
             bar.update(1)
+            seconds = time.perf_counter() - started.get(name, time.perf_counter())
+            if status == "end":
+                LOGGER.info("[%d/%d] done %s (%.1f s)", done[0], total, name, seconds)
         if status == "exception":
-            failed.append(node.fullname.removeprefix("qid2_wf."))
+            failed.append(name)
             LOGGER.error("step failed: %s", node.fullname)
 
     return bar, callback, failed

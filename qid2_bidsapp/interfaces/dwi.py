@@ -327,13 +327,17 @@ class HiddenDirectionQC(SimpleInterface):
     output_spec = _HiddenQCOutputSpec
 
     def _run_interface(self, runtime):
-        from ..qc import hidden_direction_check
+        from ..qc import _mean_b0, hidden_direction_check
+        from ..trust import estimate_noise
 
         _limit_threads(self.inputs.num_threads)
         img, data, table = _load_dwi(self.inputs)
         mask = _read_mask(self.inputs.mask_file)
         fa_reference = np.asarray(nib.load(self.inputs.fa_reference).dataobj, dtype=np.float32)
         engine = _build_engine(self.inputs, img.affine)
+        sigma, method = estimate_noise(data, table.bvals, table.bvecs, mask)
+        b0 = _mean_b0(data, table.bvals, 50.0)
+        s0 = float(np.median(b0[mask])) if mask.any() else float("nan")
         results = {}
         for plan in _load_plans(self.inputs.plan_file):
             results[str(plan.bval)] = hidden_direction_check(
@@ -346,6 +350,14 @@ class HiddenDirectionQC(SimpleInterface):
                 n_hidden=_optional(self.inputs.n_hidden),
                 seed=self.inputs.seed,
                 fa_reference=fa_reference,
+                noise_sigma=sigma,
+            )
+            results[str(plan.bval)].update(
+                {
+                    "noise_sigma": sigma,
+                    "noise_method": method,
+                    "noise_sigma_rel": sigma / s0 if s0 > 0 else float("nan"),
+                }
             )
         path = Path(runtime.cwd) / "hidden_qc.json"
         path.write_text(json.dumps(results, indent=1))

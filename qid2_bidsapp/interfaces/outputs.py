@@ -33,9 +33,16 @@ QC_COLUMNS = (
     "hidden_n",
     "hidden_nrmse",
     "hidden_fa_mae",
+    "hidden_nrmse_sh",
+    "noise_sigma_rel",
+    "noise_method",
+    "hidden_nrmse_floor",
     "fa_mean_acquired",
     "fa_mean_upsampled",
     "fa_mae_upsampled_vs_acquired",
+    "fa_change_upsampled",
+    "trust",
+    "trust_warnings",
     "runtime_s",
 )
 
@@ -82,14 +89,22 @@ def qc_rows(
 
     """
     from ..qc import masked_mae
+    from ..trust import trust_checks, warned
 
     fa_mean_acq = float(fa_acquired[mask].mean()) if mask.any() else float("nan")
     fa_mean_up = float(fa_upsampled[mask].mean()) if mask.any() else float("nan")
     fa_change = masked_mae(fa_upsampled, fa_acquired, mask)
+    nan = float("nan")
     rows = []
     for plan in plans:
         key = str(plan["bval"])
         metrics = hidden.get(key, {})
+        verdict, checks = trust_checks(
+            hidden_nrmse=metrics.get("hidden_nrmse", nan),
+            noise_floor=metrics.get("hidden_nrmse_floor", nan),
+            sh_nrmse=metrics.get("hidden_nrmse_sh", nan),
+            fa_change=fa_mean_up - fa_mean_acq,
+        )
         rows.append(
             {
                 "subject": subject,
@@ -103,10 +118,17 @@ def qc_rows(
                 "gap_merged_deg": plan["gap_merged_deg"],
                 "hidden_n": metrics.get("hidden_n", 0),
                 "hidden_nrmse": metrics.get("hidden_nrmse", float("nan")),
-                "hidden_fa_mae": metrics.get("hidden_fa_mae", float("nan")),
+                "hidden_fa_mae": metrics.get("hidden_fa_mae", nan),
+                "hidden_nrmse_sh": metrics.get("hidden_nrmse_sh", nan),
+                "noise_sigma_rel": metrics.get("noise_sigma_rel", nan),
+                "noise_method": metrics.get("noise_method", "n/a"),
+                "hidden_nrmse_floor": metrics.get("hidden_nrmse_floor", nan),
                 "fa_mean_acquired": fa_mean_acq,
                 "fa_mean_upsampled": fa_mean_up,
                 "fa_mae_upsampled_vs_acquired": fa_change,
+                "fa_change_upsampled": fa_mean_up - fa_mean_acq,
+                "trust": verdict,
+                "trust_warnings": ",".join(warned(checks)).replace(" ", "_") or "none",
                 "runtime_s": synth_info.get("runtime_s", {}).get(key, float("nan")),
             }
         )

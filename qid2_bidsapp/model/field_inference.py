@@ -255,6 +255,7 @@ def synthesise_shell_field(
             batch_size=batch_size,
             total=int(grid.slices.size),
             desc=progress or f"qid2 b={shell_key}",
+            unit="slice",
             on_oom=empty_cache,
         )
     return mean, std, final

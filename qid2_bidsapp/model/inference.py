@@ -500,6 +500,7 @@ def run_pairs(
     batch_size: int,
     total: int | None = None,
     desc: str = "qid2",
+    unit: str = "pair",
     on_oom: Callable[[], None] | None = None,
 ) -> int:
     """Feed keys to `process` in batches built lazily; halve the batch on out-of-memory.
@@ -517,6 +518,8 @@ def run_pairs(
         Number of keys, for the progress bar's ETA.
     desc : str
         Progress bar label.
+    unit : str
+        Name of one key in the progress bar and the log lines.
     on_oom : callable, optional
         Called after an out-of-memory error, before retrying (e.g. to empty a GPU cache).
 
@@ -535,7 +538,8 @@ def run_pairs(
 
     size = max(1, int(batch_size))
     iterator: Iterator[Key] = iter(keys)
-    with tqdm(total=total, desc=desc, unit="pair", disable=None, file=sys.stderr) as bar:
+    with tqdm(total=total, desc=desc, unit=unit, disable=None, file=sys.stderr) as bar:
+        report = ProgressLog(desc, total, unit)
         while chunk := list(itertools.islice(iterator, size)):
             pending = [chunk]
             while pending:
@@ -554,7 +558,81 @@ def run_pairs(
                     pending[:0] = [part[i : i + size] for i in range(0, len(part), size)]
                     continue
                 bar.update(len(part))
+                report.update(len(part))
+    report.finish()
     return size
+
+
+#: Seconds between two progress lines in the log when there is no terminal progress bar.
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class ProgressLog:
+    """Plain progress lines (done/total, ETA) in the ``qid2`` log, every ~30 s.
+
+    For the log file, and for runs without a terminal (batch jobs, SLURM), where tqdm draws
+    nothing. The records carry ``progress=True`` so that the app's terminal handler can leave
+    them out while a progress bar is on the screen.
+
+    Parameters
+    ----------
+    desc : str
+        What is running (e.g. ``qid2 b=1000``).
+    total : int or None
+        Items to do.
+    unit : str
+        Name of an item.
+    enabled : bool
+        Log at all (False when a progress bar is shown).
+    every : float
+        Seconds between lines.
+
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        total: int | None,
+        unit: str,
+        *,
+        enabled: bool = True,
+        every: float = PROGRESS_LOG_SECONDS,
+    ):
+        import logging
+        import time
+
+        self.logger = logging.getLogger("qid2")
+        self.desc, self.total, self.unit = desc, total, unit
+        self.enabled, self.every = bool(enabled), float(every)
+        self._clock = time.monotonic
+        self.start = self.last = self._clock()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        """Count `n` finished items; log a line when `every` seconds have passed."""
+        self.done += int(n)
+        now = self._clock()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            self.logger.info("%s", self.line(now), extra={"progress": True})
+
+    def line(self, now: float | None = None) -> str:
+        """Return the progress line, e.g. ``qid2 b=1000: 40/145 slice (28 %), ETA 2.1 min``."""
+        elapsed = (self._clock() if now is None else now) - self.start
+        if not self.total:
+            return f"{self.desc}: {self.done} {self.unit} in {elapsed:.0f} s"
+        share = self.done / self.total
+        eta = elapsed / share - elapsed if share > 0 else float("nan")
+        eta_text = f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * share:.0f} %), "
+            f"elapsed {elapsed:.0f} s, ETA {eta_text}"
+        )
+
+    def finish(self) -> None:
+        """Log the final count when lines were logged during the run."""
+        if self.enabled and self.last != self.start:
+            self.logger.info("%s (done)", self.line(), extra={"progress": True})
 
 
 # --------------------------------------------------------------------------- volumes

@@ -57,11 +57,21 @@ QC_COLUMN_HELP: dict[str, str] = {
     "fa_mean_acquired": "mean FA in the mask, DTI on acquired volumes only",
     "fa_mean_upsampled": "mean FA in the mask, DTI on the merged (up-sampled) DWI",
     "fa_mae_upsampled_vs_acquired": "mean |FA upsampled − FA acquired| in the mask",
+    "hidden_nrmse_sh": "self-check NRMSE of the classical sh engine on the same hidden "
+    "directions (the baseline)",
+    "noise_sigma_rel": "noise standard deviation of the scan / median b=0 signal in the mask",
+    "noise_method": "how the noise was measured: b0 repeats, or the tensor-fit residual "
+    "(an upper bound) when there is one b=0 volume",
+    "hidden_nrmse_floor": "self-check NRMSE a perfect prediction would score: the hidden "
+    "volumes' own noise, σ / RMS(hidden signal)",
+    "fa_change_upsampled": "mean (FA upsampled − FA acquired) in the mask, signed",
+    "trust": "verdict of the three checks below (pass: all pass; warn: at least one warns)",
+    "trust_warnings": "checks that warned",
     "runtime_s": "wall time of the up-sampling of this shell (seconds)",
 }
 RUN_COLUMNS = ("subject", "session", "source")
 #: Columns holding labels, shown verbatim (``01`` must stay ``01``).
-TEXT_COLUMNS = frozenset({*RUN_COLUMNS, "engine"})
+TEXT_COLUMNS = frozenset({*RUN_COLUMNS, "engine", "noise_method", "trust", "trust_warnings"})
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -574,6 +584,7 @@ def _qc_table(files: RunFiles) -> dict | None:
     metrics = [c for c in columns if c not in RUN_COLUMNS and c != "shell"]
     return {
         "path": path.name,
+        "trust": [_trust_rows(r) for r in rows],
         "shells": [format_value(r.get("shell")) for r in rows],
         "rows": [
             {
@@ -583,6 +594,35 @@ def _qc_table(files: RunFiles) -> dict | None:
             }
             for m in metrics
         ],
+    }
+
+
+def _trust_rows(row: dict[str, str]) -> dict:
+    """Recompute the trust checks of one shell from its QC row (`trust.trust_checks`)."""
+    from ..trust import trust_checks
+
+    def number(key):
+        try:
+            return float(row.get(key, "nan"))
+        except ValueError:
+            return float("nan")
+
+    verdict, checks = trust_checks(
+        hidden_nrmse=number("hidden_nrmse"),
+        noise_floor=number("hidden_nrmse_floor"),
+        sh_nrmse=number("hidden_nrmse_sh"),
+        fa_change=number("fa_change_upsampled"),
+    )
+    for check in checks:
+        value = check["value"]
+        check["shown"] = "n/a" if value != value else f"{value:+.4f}" if "FA" in check[
+            "name"] else f"{value:.2f}"  # fmt: skip
+    return {
+        "shell": format_value(row.get("shell")),
+        "verdict": verdict,
+        "checks": checks,
+        "noise": format_value(row.get("noise_sigma_rel")),
+        "noise_method": row.get("noise_method", "n/a"),
     }
 
 

@@ -1,0 +1,81 @@
+"""The trust verdict: noise level, noise floor and the pass/warn checks (real arrays)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+from qid2_bidsapp.engines.base import get_engine
+from qid2_bidsapp.qc import hidden_direction_check
+from qid2_bidsapp.trust import (
+    FA_CHANGE_LIMIT,
+    FLOOR_RATIO,
+    estimate_noise,
+    noise_floor_nrmse,
+    trust_checks,
+)
+
+SHAPE = (16, 16, 6)
+SIGMA = 25.0
+
+
+def _scan(n_b0: int, seed: int = 0):
+    bvecs = np.vstack([np.zeros((n_b0, 3)), hemisphere_directions(30, seed=1)])
+    bvals = np.r_[np.zeros(n_b0), np.full(30, 1000.0)]
+    clean, brain = phantom_signal(SHAPE, bvals, bvecs)
+    rng = np.random.default_rng(seed)
+    noisy = clean + rng.normal(0, SIGMA, clean.shape)  # Gaussian: high SNR in the brain
+    return noisy.astype(np.float32), clean, bvals, bvecs, brain
+
+
+@pytest.mark.parametrize(
+    "n_b0, method, tolerance", [(4, "b0 repeats", 0.1), (1, "tensor residual", 0.25)]
+)
+def test_noise_is_measured_in_signal_units(n_b0, method, tolerance):
+    noisy, _, bvals, bvecs, brain = _scan(n_b0)
+    sigma, used = estimate_noise(noisy, bvals, bvecs, brain)
+    assert used == method
+    assert sigma == pytest.approx(SIGMA, rel=tolerance)
+    scaled, _ = estimate_noise(noisy * 1e3, bvals, bvecs, brain)
+    assert scaled == pytest.approx(1e3 * sigma, rel=1e-6)
+
+
+def test_noise_floor_is_what_the_truth_scores():
+    noisy, clean, bvals, bvecs, brain = _scan(4)
+    hidden = noisy[..., -5:]
+    floor = noise_floor_nrmse(SIGMA, hidden, brain)
+    truth_error = np.linalg.norm((clean[..., -5:] - hidden)[brain]) / np.linalg.norm(hidden[brain])
+    assert floor == pytest.approx(truth_error, rel=0.05)
+    assert math.isnan(noise_floor_nrmse(float("nan"), hidden, brain))
+
+
+def test_checks_pass_and_warn_on_their_thresholds():
+    verdict, checks = trust_checks(
+        hidden_nrmse=0.1, noise_floor=0.09, sh_nrmse=0.11, fa_change=-0.004
+    )
+    assert verdict == "pass" and [c["status"] for c in checks] == ["pass"] * 3
+    verdict, checks = trust_checks(
+        hidden_nrmse=0.1, noise_floor=0.1 / (FLOOR_RATIO + 0.1), sh_nrmse=0.11,
+        fa_change=-(FA_CHANGE_LIMIT + 0.001),
+    )  # fmt: skip
+    assert verdict == "warn"
+    assert [c["status"] for c in checks] == ["warn", "pass", "warn"]
+    verdict, checks = trust_checks(
+        hidden_nrmse=float("nan"), noise_floor=float("nan"), sh_nrmse=float("nan"),
+        fa_change=float("nan"),
+    )  # fmt: skip
+    assert verdict == "n/a"
+
+
+def test_self_check_reports_the_floor_and_the_sh_baseline():
+    noisy, _, bvals, bvecs, brain = _scan(4)
+    sigma, _ = estimate_noise(noisy, bvals, bvecs, brain)
+    shell = np.flatnonzero(bvals > 50)
+    result = hidden_direction_check(
+        noisy, bvals, bvecs, shell, get_engine("interp"), brain, noise_sigma=sigma
+    )
+    assert result["hidden_nrmse"] >= result["hidden_nrmse_floor"] * 0.9
+    assert result["hidden_nrmse_sh"] != result["hidden_nrmse"]  # sh ran as the baseline
