@@ -35,6 +35,8 @@ SUMMARY_COLUMNS = (
     "fa_mean_acquired",
     "fa_mean_upsampled",
     "fa_mae_upsampled_vs_acquired",
+    "fa_change_upsampled",
+    "noise_sigma_rel",
     "runtime_s",
 )
 
@@ -88,20 +90,29 @@ def _floats(rows: list[dict[str, str]], column: str) -> np.ndarray:
 
 
 def _labels(rows: list[dict[str, str]]) -> list[str]:
-    """Short, unique label per row: subject, session and shell (source when ambiguous)."""
+    """Label per row: the run's entities (from its source file name) and the shell.
+
+    ``sub-uih_dir-AP b=928`` and ``sub-uih_dir-PA b=930`` stay apart even though their
+    b-values differ only by rounding; rows without a source fall back to subject and session.
+    """
 
     def base(row: dict[str, str]) -> str:
-        sub = "sub-" + str(row.get("subject") or "?").removeprefix("sub-")
-        ses = str(row.get("session") or "n/a")
-        ses_txt = "" if ses == "n/a" else "_ses-" + ses.removeprefix("ses-")
-        return f"{sub}{ses_txt} b={format_value(row.get('shell'))}"
+        source = Path(str(row.get("source") or "")).name.split(".")[0]
+        if source and source != "n/a":
+            run = source.removesuffix("_dwi")
+        else:
+            sub = "sub-" + str(row.get("subject") or "?").removeprefix("sub-")
+            ses = str(row.get("session") or "n/a")
+            run = sub + ("" if ses == "n/a" else "_ses-" + ses.removeprefix("ses-"))
+        return f"{run} b={format_value(row.get('shell'))}"
 
     labels = [base(r) for r in rows]
     counts = Counter(labels)
-    for i, row in enumerate(rows):
-        if counts[labels[i]] > 1:
-            source = Path(str(row.get("source", ""))).name.split(".")[0]
-            labels[i] = f"{source} b={format_value(row.get('shell'))}"
+    seen: Counter = Counter()
+    for i, label in enumerate(list(labels)):
+        if counts[label] > 1:  # the same run twice (should not happen): number them
+            seen[label] += 1
+            labels[i] = f"{label} ({seen[label]})"
     return labels
 
 
@@ -214,7 +225,8 @@ def _group_figures(rows: list[dict[str, str]], output_dir: Path) -> list[dict]:
 
 
 def _table_rows(rows: list[dict[str, str]], columns: list[str], output_dir: Path) -> list[dict]:
-    flags = robust_outliers(_floats(rows, "hidden_nrmse"))
+    # a row is flagged by its own trust verdict (docs/outputs.md), whatever the group's size
+    flags = [str(r.get("trust", "")) == "warn" for r in rows]
     out = []
     for row, flag in zip(rows, flags, strict=True):
         sub = str(row.get("subject", "")).removeprefix("sub-")
