@@ -452,3 +452,19 @@ def test_choose_slices():
     z = choose_slices(mask, 4)
     assert len(z) == 4 and 5 <= min(z) and max(z) <= 24
     assert choose_slices(np.ones((2, 2, 3), bool), 4) == [0, 1, 2]
+
+
+def test_group_flags_come_from_each_runs_verdict_and_labels_keep_runs_apart(tmp_path):
+    from qid2_bidsapp.reports.group import _labels, _table_rows
+
+    rows = [
+        {"subject": "uih", "session": "n/a", "source": "sub-uih/dwi/sub-uih_dir-AP_dwi.nii.gz",
+         "shell": "928", "trust": "pass"},
+        {"subject": "uih", "session": "n/a", "source": "sub-uih/dwi/sub-uih_dir-PA_dwi.nii.gz",
+         "shell": "930", "trust": "warn"},
+    ]  # fmt: skip
+    assert _labels(rows) == ["sub-uih_dir-AP b=928", "sub-uih_dir-PA b=930"]
+    table = _table_rows(rows, ["subject", "trust"], tmp_path)
+    assert [r["flag"] for r in table] == [False, True]
+    single = _table_rows(rows[1:], ["subject", "trust"], tmp_path)  # one run: still flagged
+    assert single[0]["flag"] is True
