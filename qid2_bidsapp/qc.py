@@ -123,7 +123,9 @@ def _fit_dti_voxels(
 
     The estimator of DIPY's ``TensorModel(fit_method="WLS")`` (OLS, then one weighted fit with
     the squared predicted signal as weights), solved for all voxels at once through the 7x7
-    normal equations: tens of times faster than a per-voxel pseudo-inverse.
+    normal equations: tens of times faster than a per-voxel pseudo-inverse. Signals are
+    clamped below at the smallest positive signal of the data, as DIPY's default
+    ``min_signal`` does, so FA and MD do not depend on the units of the signal.
     """
     n_vox = voxels.shape[0]
     fa = np.zeros(n_vox, np.float32)
@@ -133,9 +135,11 @@ def _fit_dti_voxels(
     bvals = np.where(np.asarray(bvals) <= b0_threshold, 0.0, bvals)
     design = _design_matrix(bvals, bvecs)
     pinv = np.linalg.pinv(design)
+    positive = voxels[voxels > 0]
+    min_signal = float(positive.min()) if positive.size else _MIN_SIGNAL
     for start in range(0, n_vox, _CHUNK_VOXELS):
         chunk = slice(start, start + _CHUNK_VOXELS)
-        log_signal = np.log(np.maximum(voxels[chunk].astype(np.float64), _MIN_SIGNAL))
+        log_signal = np.log(np.maximum(voxels[chunk].astype(np.float64), min_signal))
         params = _wls_tensor(log_signal, design, pinv)
         fa[chunk], md[chunk], evec1[chunk] = _tensor_maps(params)
     return np.clip(fa, 0.0, 1.0), md, evec1

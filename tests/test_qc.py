@@ -298,3 +298,34 @@ def test_batched_wls_matches_dipy_on_noisy_crossings():
     np.testing.assert_allclose(ours.md, theirs.md, atol=1e-8)
     cos = np.abs((ours.evec1 * theirs.evecs[..., 0]).sum(-1))
     assert cos[ours.fa > 0.2].min() > 0.999
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e6])
+def test_fa_md_and_merged_fa_do_not_depend_on_signal_units(scale):
+    from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+    from qid2_bidsapp.gradients import GradientTable
+    from qid2_bidsapp.upsampling import brain_mask, mean_b0, plan_targets, upsample_shells
+
+    bvecs = np.vstack([np.zeros((1, 3)), hemisphere_directions(20, seed=2)])
+    bvals = np.r_[0.0, np.full(20, 1000.0)]
+    clean, _ = phantom_signal((18, 18, 4), bvals, bvecs)
+    rng = np.random.default_rng(0)
+    data = np.abs(clean + rng.normal(0, 30, clean.shape)).astype(np.float32)
+    data[0, 0, 0, 5] = 0.0  # a zero signal: the clamp must be relative
+    table = GradientTable(bvals, bvecs)
+
+    def maps(x):
+        mask = brain_mask(mean_b0(x, table))
+        dti = fit_dti(x, bvals, bvecs, mask)
+        plans = plan_targets(table, sorted(table.shells), n_targets=20)
+        synth, sb, sg, _ = upsample_shells(x, table, plans, get_engine("sh"), None)
+        merged = np.concatenate([x, synth], axis=-1)
+        fa_merged = fit_dti(merged, np.r_[bvals, sb], np.vstack([bvecs, sg]), mask).fa
+        return mask, dti.fa, dti.md, fa_merged
+
+    base = maps(data)
+    scaled = maps(data * np.float32(scale))
+    np.testing.assert_array_equal(base[0], scaled[0])
+    np.testing.assert_allclose(scaled[1], base[1], atol=1e-4)
+    np.testing.assert_allclose(scaled[2], base[2], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(scaled[3], base[3], atol=1e-4)
