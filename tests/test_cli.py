@@ -260,3 +260,74 @@ def test_shells_that_no_run_has(example_bids, tmp_path, capsys):
 def test_group_without_participant_outputs(tmp_path, capsys):
     status, err = run_cli(capsys, tmp_path / "bids", tmp_path / "nothing", "group")
     assert status == 1 and "participant level" in err
+
+
+DWI = "sub-01/dwi/sub-01_dwi.nii.gz"
+
+
+def _damage_image(bids: Path, kind: str) -> tuple[str, str]:
+    """Damage sub-01's image (or its gradients' geometry); return (file, words expected)."""
+    import gzip
+
+    import nibabel as nib
+
+    path = bids / DWI
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if kind == "truncated":
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw)[: len(gzip.compress(raw)) // 2])
+        return "sub-01_dwi.nii.gz", "truncated"
+    if kind == "nan-voxels":
+        data[5, 5, 2, 3] = np.nan
+        data[6, 5, 2, 7] = np.inf
+    elif kind == "all-zero":
+        data[:] = 0
+    elif kind == "constant-volume":
+        data[..., 4] = 7.0
+    elif kind == "duplicate-directions":
+        bvecs = np.loadtxt(bids / BVEC)
+        bvals = np.loadtxt(bids / BVAL)
+        bvecs[:, bvals > 0] = np.array([[0.6], [0.8], [0.0]])  # every direction the same
+        np.savetxt(bids / BVEC, bvecs, fmt="%.6f")
+        return "sub-01_dwi.nii.gz", "1 distinct direction"
+    else:
+        raise ValueError(kind)
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+    words = {"nan-voxels": "2 voxel(s)", "all-zero": "all zeros", "constant-volume": "volume(s) 4"}
+    return "sub-01_dwi.nii.gz", words[kind]
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "nan-voxels", "all-zero", "constant-volume", "duplicate-directions"]
+)
+def test_bad_image_data_gives_one_line_error_and_writes_nothing(
+    kind, example_bids, tmp_path, capsys
+):
+    filename, words = _damage_image(example_bids, kind)
+    out = tmp_path / "out"
+    status, err = run_cli(
+        capsys, example_bids, out, "participant", "--participant-label", "01", "--engine", "sh",
+        "--skip-bids-validation", "-w", tmp_path / "work",
+    )  # fmt: skip
+    assert status == 1
+    lines = [line for line in err.splitlines() if line.startswith("qid2: error:")]
+    assert len(lines) == 1, err
+    assert filename in lines[0] and words.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_shell_with_too_few_directions_is_kept_as_acquired(example_bids, tmp_path):
+    from qid2_bidsapp.datacheck import distinct_directions, usable_shells
+    from qid2_bidsapp.gradients import GradientTable
+
+    bvals = np.r_[0.0, np.full(3, 300.0), np.full(12, 1000.0)]
+    rng = np.random.default_rng(0)
+    bvecs = rng.normal(size=(16, 3))
+    bvecs /= np.linalg.norm(bvecs, axis=1, keepdims=True)
+    bvecs[0] = 0
+    table = GradientTable(bvals, bvecs)
+    kept, reasons = usable_shells(table, sorted(table.shells))
+    assert kept == [1000] and len(reasons) == 1 and "b=300" in reasons[0]
+    assert distinct_directions(np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0.01]])) == 2

@@ -100,6 +100,7 @@ def preflight(config: Config) -> list:
 
     """
     from ..bids import collect_dwi_runs, detect_input_type
+    from ..datacheck import check_dwi_data, read_dwi_data, usable_shells
     from ..derivatives import check_output_dir
     from ..engines.base import get_engine
     from ..gradients import load_target_bvecs
@@ -132,7 +133,8 @@ def preflight(config: Config) -> list:
     for run in runs:
         img = load_dwi_header(run.dwi)
         table = read_gradients(run.dwi, run.bval, run.bvec, run.bmatrix, img)
-        if not match_shells(table, config.shells, table.shell_tolerance):
+        shells = match_shells(table, config.shells, table.shell_tolerance)
+        if not shells:
             LOGGER.warning(
                 "%s: none of the requested shells %s (it has %s); skipped",
                 run.relpath,
@@ -140,6 +142,12 @@ def preflight(config: Config) -> list:
                 sorted(table.shells),
             )
             continue
+        check_dwi_data(run.dwi, read_dwi_data(run.dwi, img), table.bvals)
+        shells, reasons = usable_shells(table, shells)
+        if not shells:
+            raise InputError(run.dwi, f"no shell can be up-sampled: {'; '.join(reasons)}")
+        for reason in reasons:
+            LOGGER.warning("%s: %s", run.relpath, reason)
         if run.mask is not None and load_dwi_header_3d(run.mask) != img.shape[:3]:
             raise InputError(run.mask, f"mask grid differs from the DWI grid {img.shape[:3]}")
         selected.append(run)

@@ -147,7 +147,10 @@ class PlanTargets(SimpleInterface):
 
     def _run_interface(self, runtime):
         table = _read_table(self.inputs.bval_file, self.inputs.bvec_file)
-        shells = match_shells(table, _optional(self.inputs.shells) or None, table.shell_tolerance)
+        from ..datacheck import usable_shells
+
+        requested = _optional(self.inputs.shells) or None
+        shells, _ = usable_shells(table, match_shells(table, requested, table.shell_tolerance))
         target_file = _optional(self.inputs.target_bvecs)
         plans = plan_targets(
             table,
