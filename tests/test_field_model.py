@@ -281,3 +281,45 @@ def test_tiny_training_lowers_the_loss(tmp_path):
     again = FieldTrainer(config, echo=lambda *_: None)
     again.load_state()
     assert again.step == 60
+
+
+def test_real_examples_score_the_truth_as_perfect():
+    from qid2_bidsapp.model.field_data import (
+        RealShell,
+        _take,
+        make_real_example,
+        stack_real_examples,
+    )
+    from qid2_bidsapp.model.field_network import ShFieldNetwork
+    from qid2_bidsapp.model.field_train import real_signal_loss
+    from qid2_bidsapp.shm import sh_basis_matrix
+    from qid2_bidsapp.sim.protocol import uniform_shell
+
+    cfg = FieldConfig.tiny()
+    slab = tensor_coefficient_slab(2)
+    bvecs = uniform_shell(20, seed=3)
+    basis, _ = sh_basis_matrix(bvecs, cfg.sh_order)
+    coefs = slab.coefs.astype(np.float32)
+    data = slab.s0[..., None] * np.clip(coefs @ basis.T.astype(np.float32), 0, None)
+    shell = RealShell(data, bvecs, slab.s0, 1, slab.mask, 1000.0, 0.0, "clean")
+    rng = np.random.default_rng(0)
+    examples = [make_real_example(shell, rng, cfg, crop=16) for _ in range(3)]
+    real = stack_real_examples(examples)
+    assert real["real_target"].shape == (3, 48, 16, 16)
+    for e in examples:
+        n_in, n_hidden = e["meta"]["n_inputs"], e["meta"]["n_hidden"]
+        assert n_in >= 6 and n_hidden >= 3 and n_in + n_hidden == 20
+    scales = coefficient_scales(cfg).astype(np.float32)
+    truth = np.stack(
+        [
+            np.moveaxis(_take(coefs[:, :, e["meta"]["slice"]], e["meta"]["corner"], 16), -1, 0)
+            * scales[:, None, None]
+            for e in examples
+        ]
+    )
+    assert real_signal_loss(torch.from_numpy(truth), real).item() < 1e-3
+    prior = torch.from_numpy(real["condition"])[:, ShFieldNetwork(cfg).prior_channels]
+    assert (
+        real_signal_loss(prior, real).item()
+        > 10 * real_signal_loss(torch.from_numpy(truth), real).item()
+    )

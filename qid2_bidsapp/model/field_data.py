@@ -194,3 +194,194 @@ def stack_field_examples(examples: list[dict]) -> dict:
     out["bval"] = np.asarray([e["bval"] for e in examples], dtype=np.float32)
     out["meta"] = [e["meta"] for e in examples]
     return out
+
+
+# --------------------------------------------------------------------------- real scans
+
+
+@dataclass
+class RealShell:
+    """One shell of a real scan, in the model frame, for self-supervised examples.
+
+    Attributes
+    ----------
+    data : ndarray, shape (X, Y, Z, N), float32
+        The shell's acquired volumes, slice axis last.
+    bvecs : ndarray, shape (N, 3)
+        Their directions in the model frame.
+    b0 : ndarray, shape (X, Y, Z)
+        Mean b=0 image.
+    n_b0 : int
+        b=0 volumes averaged.
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask.
+    bval : float
+        The shell's b-value.
+    sigma : float
+        Noise standard deviation of the scan (`qid2_bidsapp.trust.estimate_noise`).
+    name : str
+        Run and shell.
+
+    """
+
+    data: np.ndarray
+    bvecs: np.ndarray
+    b0: np.ndarray
+    n_b0: int
+    mask: np.ndarray
+    bval: float
+    sigma: float
+    name: str
+
+    @property
+    def s0_ref(self) -> float:
+        """Median b=0 signal in the mask (`field_features.reference_s0`)."""
+        from .field_features import reference_s0
+
+        return reference_s0(self.b0, self.mask)
+
+
+def real_shells(volumes, *, slice_axis: int = 2, min_directions: int = 12) -> list[RealShell]:
+    """Cut real scans (`model.data.Volume`) into shells usable for self-supervised examples.
+
+    Parameters
+    ----------
+    volumes : iterable of Volume
+        E.g. ``BidsSource(...).volumes()``.
+    slice_axis : int
+        Voxel axis of the slices.
+    min_directions : int
+        Shells with fewer directions are skipped (6 inputs and some hidden ones are needed).
+
+    Returns
+    -------
+    list of RealShell
+
+    """
+    from ..gradients import GradientTable
+    from ..trust import estimate_noise
+    from .data import _axis_order, model_frame_bvecs
+
+    out = []
+    order = _axis_order(slice_axis)
+    for volume in volumes:
+        table = GradientTable(volume.bvals, volume.bvecs)
+        data = np.transpose(np.asarray(volume.data, dtype=np.float32), [*order, 3])
+        mask = np.transpose(np.asarray(volume.mask, dtype=bool), order)
+        b0 = data[..., table.b0_mask].mean(axis=-1)
+        sigma, _ = estimate_noise(data, table.bvals, table.bvecs, mask)
+        frame = model_frame_bvecs(table.bvecs, volume.affine, slice_axis)
+        for shell, indices in table.shells.items():
+            if len(indices) < min_directions:
+                continue
+            out.append(
+                RealShell(
+                    data=np.ascontiguousarray(data[..., indices]),
+                    bvecs=frame[indices],
+                    b0=b0,
+                    n_b0=int(table.b0_mask.sum()),
+                    mask=mask,
+                    bval=float(np.median(table.bvals[indices])),
+                    sigma=float(sigma),
+                    name=f"{volume.name} b={shell}",
+                )
+            )
+    return out
+
+
+#: Hidden directions of a real example are padded to this count (weights 0 beyond).
+MAX_HIDDEN = 48
+
+
+def make_real_example(
+    shell: RealShell,
+    rng: np.random.Generator,
+    config: FieldConfig,
+    *,
+    crop: int = 64,
+    min_hidden: int = 3,
+) -> dict:
+    """Build a self-supervised example: some acquired directions in, the others as targets.
+
+    The input is a well-spread subset of K acquired directions (greedy farthest point from a
+    random start, K from 6 to N - `min_hidden`); the targets are the measured ``S/S0`` of the
+    other directions at the centre slice, with the Rician bias removed to first order
+    (``sqrt(max(M^2 - 2 sigma^2, 0))``, sigma of the scan). Inputs are built by `shell_features`
+    as at inference.
+
+    Parameters
+    ----------
+    shell : RealShell
+        The shell.
+    rng : numpy.random.Generator
+        Random source.
+    config : FieldConfig
+        The model configuration.
+    crop : int
+        In-plane size.
+    min_hidden : int
+        Fewest hidden directions.
+
+    Returns
+    -------
+    dict
+        ``condition``; ``real_target`` (MAX_HIDDEN, H, W) measured ratios; ``real_eval``
+        (MAX_HIDDEN, C) model-space coefficients to those directions; ``real_weight``
+        (MAX_HIDDEN,) 1 for used rows; ``mask`` (H, W); ``bval``; ``meta``.
+
+    """
+    from ..sim.protocol import uniform_subset
+    from .field_features import evaluation_matrix
+
+    n = shell.data.shape[-1]
+    k = int(rng.integers(6, max(7, n - min_hidden + 1)))
+    inputs = uniform_subset(shell.bvecs, k, start=int(rng.integers(n)))
+    hidden = np.setdiff1d(np.arange(n), inputs)[:MAX_HIDDEN]
+    n_slices = shell.data.shape[2]
+    context = config.context_slices
+    counts = shell.mask.sum(axis=(0, 1))
+    z = int(rng.choice(np.flatnonzero(counts >= max(1, 0.3 * counts.max()))))
+    idx = context_indices(z, n_slices, context)
+    corner = _window(shell.mask[:, :, z], crop, rng)
+    signal = _take(shell.data[:, :, idx][..., inputs], corner, crop)
+    b0 = _take(shell.b0[:, :, idx], corner, crop)
+    mask = _take(shell.mask[:, :, idx], corner, crop)
+    features, _ = shell_features(signal, b0, mask, shell.bvecs[inputs], config, s0_ref=shell.s0_ref)
+    centre = context
+    condition = slice_condition(features, centre, context, scalar_values(shell.bval, k, shell.n_b0))
+    measured = _take(shell.data[:, :, z][..., hidden], corner, crop)
+    corrected = np.sqrt(np.maximum(measured**2 - 2.0 * shell.sigma**2, 0.0))
+    base = b0[:, :, centre, None]
+    ratio = np.where(base > 0, corrected / np.maximum(base, 1e-6), 0.0)
+    ratio = np.clip(ratio, 0.0, config.signal_clip)
+    target = np.zeros((MAX_HIDDEN, crop, crop), np.float32)
+    target[: len(hidden)] = np.moveaxis(ratio, -1, 0)
+    evaluate = np.zeros((MAX_HIDDEN, config.n_coefficients), np.float32)
+    evaluate[: len(hidden)] = evaluation_matrix(shell.bvecs[hidden], config)
+    weight = np.zeros(MAX_HIDDEN, np.float32)
+    weight[: len(hidden)] = 1.0
+    valid = mask[:, :, centre] & (base[..., 0] > 0)
+    return {
+        "condition": condition,
+        "real_target": target,
+        "real_eval": evaluate,
+        "real_weight": weight,
+        "mask": valid.astype(np.float32),
+        "bval": float(shell.bval),
+        "meta": {
+            "shell": shell.name,
+            "slice": z,
+            "corner": list(corner),
+            "n_inputs": k,
+            "n_hidden": len(hidden),
+        },
+    }
+
+
+def stack_real_examples(examples: list[dict]) -> dict:
+    """Stack `make_real_example` outputs along a new first axis."""
+    keys = ("condition", "real_target", "real_eval", "real_weight", "mask")
+    out = {k: np.stack([e[k] for e in examples]) for k in keys}
+    out["bval"] = np.asarray([e["bval"] for e in examples], dtype=np.float32)
+    out["meta"] = [e["meta"] for e in examples]
+    return out

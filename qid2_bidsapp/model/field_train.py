@@ -81,6 +81,16 @@ class FieldTrainConfig:
         Seed of the data sampler and the weights.
     num_threads : int
         torch CPU threads.
+    real_sources : list of dict
+        Real scans for self-supervised examples (`field_data.make_real_example`): each
+        ``{"path": BIDS dir, "participant_label": [...], "exclude_participant_label": [...]}``.
+    real_fraction : float
+        Share of each batch drawn from the real scans.
+    real_weight : float
+        Weight of the real examples' loss (``1000 x`` the masked MSE of the predicted ``S/S0``
+        at the hidden directions against the measured, Rician-corrected values).
+    init_weights : str, optional
+        Start from these weights (a run's ``training_state.pt`` or a snapshot): a fine-tune.
 
     """
 
@@ -110,6 +120,10 @@ class FieldTrainConfig:
     checkpoint_minutes: float = 10.0
     seed: int = 0
     num_threads: int = 2
+    real_sources: list = field(default_factory=list)
+    real_fraction: float = 0.0
+    real_weight: float = 1.0
+    init_weights: str | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> FieldTrainConfig:
@@ -131,9 +145,12 @@ class FieldTrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise Qid2Error(f"{path}: unknown training setting(s): {', '.join(unknown)}")
-        for key in ("slabs", "output"):
-            if key in values and not Path(values[key]).is_absolute():
+        for key in ("slabs", "output", "init_weights"):
+            if values.get(key) and not Path(values[key]).is_absolute():
                 values[key] = str((path.parent / values[key]).resolve())
+        for source in values.get("real_sources", []):
+            if not Path(source["path"]).is_absolute():
+                source["path"] = str((path.parent / source["path"]).resolve())
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +212,30 @@ class FieldLoss(torch.nn.Module):
         loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
         parts = {"coef_mse": coef.item(), "signal_mse": signal.item(), "fa_mae": fa.item()}
         return loss, parts
+
+
+def real_signal_loss(pred: torch.Tensor, real: dict) -> torch.Tensor:
+    """``1000 x`` masked MSE of predicted ``S/S0`` at the hidden directions of real examples.
+
+    Parameters
+    ----------
+    pred : Tensor, shape (B, C, H, W)
+        Model-space coefficients.
+    real : dict
+        `field_data.stack_real_examples` output (numpy arrays).
+
+    Returns
+    -------
+    Tensor
+
+    """
+    evaluate = torch.from_numpy(real["real_eval"])
+    target = torch.from_numpy(real["real_target"])
+    weight = torch.from_numpy(real["real_weight"])[:, :, None, None]
+    mask = torch.from_numpy(real["mask"])[:, None]
+    signal = torch.einsum("bmc,bchw->bmhw", evaluate, pred)
+    w = weight * mask
+    return 1000.0 * ((signal - target).square() * w).sum() / w.sum().clamp(min=1.0)
 
 
 class SlabPool:
@@ -263,7 +304,13 @@ class FieldTrainer:
         self.pool = SlabPool(Path(config.slabs), config.max_slabs)
         if self.pool.rescan() == 0:
             raise Qid2Error(f"{config.slabs}: no training slabs (slab-*.npz)")
+        self.real = self._real_shells()
+        if config.real_fraction > 0 and not self.real:
+            raise Qid2Error("real_fraction > 0 but real_sources gave no usable shell")
+        if config.init_weights:
+            self._load_initial_weights(Path(config.init_weights))
         self.validation = self._validation_set()
+        self.real_validation = self._real_validation_set()
 
     # ------------------------------------------------------------------ data
 
@@ -281,14 +328,58 @@ class FieldTrainer:
         ]  # fmt: skip
         return stack_field_examples(examples)
 
-    def _batch(self) -> dict:
+    def _real_shells(self) -> list:
+        from .data import BidsSource
+        from .field_data import real_shells
+
+        shells = []
+        for spec in self.config.real_sources:
+            source = BidsSource(
+                spec["path"],
+                participant_label=spec.get("participant_label"),
+                exclude_participant_label=spec.get("exclude_participant_label"),
+            )
+            shells.extend(real_shells(source.volumes()))
+        return shells
+
+    def _load_initial_weights(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = state["model"] if isinstance(state, dict) and "model" in state else state
+        self.network.load_state_dict(tensors)
+
+    def _real_validation_set(self) -> dict | None:
+        if not self.real:
+            return None
+        from .field_data import make_real_example, stack_real_examples
+
+        rng = np.random.default_rng([self.config.val_seed, 54321])
+        examples = [
+            make_real_example(self.real[i % len(self.real)], rng, self.model_config,
+                              crop=self.config.crop)
+            for i in range(min(32, self.config.n_val_examples))
+        ]  # fmt: skip
+        return stack_real_examples(examples)
+
+    def _real_batch(self, size: int) -> dict:
+        from .field_data import make_real_example, stack_real_examples
+
+        examples = [
+            make_real_example(
+                self.real[int(self.rng.integers(len(self.real)))], self.rng, self.model_config,
+                crop=self.config.crop,
+            )
+            for _ in range(size)
+        ]  # fmt: skip
+        return stack_real_examples(examples)
+
+    def _batch(self, size: int | None = None) -> dict:
         slabs = self.pool.slabs
         examples = [
             make_field_example(
                 slabs[int(self.rng.integers(len(slabs)))], self.rng, self.model_config,
                 crop=self.config.crop, protocol=self.protocol,
             )
-            for _ in range(self.config.batch_size)
+            for _ in range(self.config.batch_size if size is None else size)
         ]  # fmt: skip
         return stack_field_examples(examples)
 
@@ -304,23 +395,37 @@ class FieldTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the loss and its parts."""
-        batch = self._batch()
+        n_real = int(round(self.config.batch_size * self.config.real_fraction)) if self.real else 0
+        n_sim = self.config.batch_size - n_real
+        batch = self._batch(n_sim)
         condition = torch.from_numpy(batch["condition"])
         target = torch.from_numpy(batch["target"])
         mask = torch.from_numpy(batch["mask"])
         bval = torch.from_numpy(batch["bval"])
-        b = target.shape[0]
-        timesteps = torch.randint(0, self.model_config.max_timestep + 1, (b,))
-        noise = torch.randn_like(target)
+        timesteps = torch.randint(0, self.model_config.max_timestep + 1, (n_sim,))
         start = target.clone()
-        from_prior = torch.rand(b) < self.config.prior_start_fraction
+        from_prior = torch.rand(n_sim) < self.config.prior_start_fraction
         start[from_prior] = condition[from_prior][:, self.network.prior_channels]
-        x_t = self.scheduler.add_noise(start, noise, timesteps)
+        x_t = self.scheduler.add_noise(start, torch.randn_like(target), timesteps)
+        real = None
+        if n_real:
+            real = self._real_batch(n_real)
+            real_condition = torch.from_numpy(real["condition"])
+            real_t = torch.randint(0, self.model_config.max_timestep + 1, (n_real,))
+            prior = real_condition[:, self.network.prior_channels]
+            real_x = self.scheduler.add_noise(prior, torch.randn_like(prior), real_t)
+            condition = torch.cat([condition, real_condition])
+            x_t = torch.cat([x_t, real_x])
+            timesteps = torch.cat([timesteps, real_t])
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         self.network.train()
         pred = self.network(x_t, condition, timesteps)
-        loss, parts = self.loss(pred, target, mask, bval)
+        loss, parts = self.loss(pred[:n_sim], target, mask, bval) if n_sim else (0.0, {})
+        if real is not None:
+            real_loss = real_signal_loss(pred[n_sim:], real)
+            loss = loss + self.config.real_weight * real_loss
+            parts["real_mse"] = real_loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.grad_clip)
@@ -361,6 +466,15 @@ class FieldTrainer:
         out = {f"net_{k}": v for k, v in net.items()}
         out.update({f"prior_{k}": v for k, v in pri.items()})
         out["fit2_fa_mae"] = fit2_fa
+        if self.real_validation is not None:
+            real = self.real_validation
+            cond = torch.from_numpy(real["condition"])
+            gens = [pair_generator(1, i) for i in range(len(cond))]
+            pred = sample_coefficients(self.network, self.scheduler, cond, gens, sampler).mean(1)
+            out["net_real_mse"] = real_signal_loss(pred, real).item()
+            out["prior_real_mse"] = real_signal_loss(
+                cond[:, self.network.prior_channels], real
+            ).item()
         return out
 
     # ------------------------------------------------------------------ state
@@ -457,9 +571,15 @@ def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, e
         if step % config.validate_every == 0:
             metrics = trainer.validate()
             log("validate", step=step, **metrics)
+            real = ""
+            if "net_real_mse" in metrics:
+                real = (
+                    f"; real MSE net {metrics['net_real_mse']:.4f} "
+                    f"prior {metrics['prior_real_mse']:.4f}"
+                )
             echo(
                 f"validate {step}: FA MAE net {metrics['net_fa_mae']:.4f} prior "
-                f"{metrics['prior_fa_mae']:.4f} fit2 {metrics['fit2_fa_mae']:.4f}"
+                f"{metrics['prior_fa_mae']:.4f} fit2 {metrics['fit2_fa_mae']:.4f}{real}"
             )
         if step % config.snapshot_every == 0:
             trainer.snapshot()
