@@ -555,7 +555,8 @@ def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, e
     started = time.monotonic()
     last_save = started
     recent: list[dict] = []
-    while trainer.step < config.steps:
+    stop = _StopRequest()
+    while trainer.step < config.steps and not stop.requested:
         t0 = time.monotonic()
         recent.append(trainer.train_step())
         trainer.wall_s += time.monotonic() - t0
@@ -589,7 +590,34 @@ def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, e
             last_save = now
         if max_minutes is not None and now - started > 60 * max_minutes:
             break
+    stop.restore()
+    if stop.requested:
+        echo(f"stopped by signal at step {trainer.step}; state saved, rerun to resume")
     return trainer.save_state()
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (the state is then saved)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        """Put the previous signal handlers back."""
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def training_record(output: str | Path) -> dict[str, Any]:
