@@ -323,3 +323,40 @@ def test_real_examples_score_the_truth_as_perfect():
         real_signal_loss(prior, real).item()
         > 10 * real_signal_loss(torch.from_numpy(truth), real).item()
     )
+
+
+def test_qid2_train_trains_and_exports_a_field_model(tmp_path):
+    import json
+
+    from qid2_bidsapp.cli.train import main as train_main
+    from qid2_bidsapp.model.checkpoint import load_model
+    from qid2_bidsapp.sim.slabs import write_slab
+
+    slabs = tmp_path / "slabs"
+    slabs.mkdir()
+    for k in range(2):
+        write_slab(tensor_coefficient_slab(k), slabs / f"slab-0-{k:06d}.npz")
+    val = tmp_path / "run" / "val_slabs"
+    val.mkdir(parents=True)
+    write_slab(tensor_coefficient_slab(7), val / "slab-1-000000.npz")
+    config = {
+        "kind": "sh-field",
+        "name": "tiny-field",
+        "slabs": "slabs",
+        "output": "run",
+        "model": FieldConfig.tiny().to_dict(),
+        "batch_size": 2,
+        "crop": 16,
+        "steps": 3,
+        "n_val_slabs": 1,
+        "n_val_examples": 2,
+        "num_threads": 1,
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    assert train_main([str(path)]) == 0
+    folder = tmp_path / "run" / "tiny-field"
+    _, cfg, info = load_model(folder)
+    assert isinstance(cfg, FieldConfig) and info["training"]["steps"] == 3
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "SH-field" in card and "CPU-hours" in card

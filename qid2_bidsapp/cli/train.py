@@ -84,6 +84,71 @@ def load_config(args: argparse.Namespace):
     return TrainConfig(**values)
 
 
+def is_field_config(path: Path) -> bool:
+    """Whether a configuration file is an SH-field one (``"kind": "sh-field"``, JSON).
+
+    Parameters
+    ----------
+    path : Path
+        The configuration file.
+
+    Returns
+    -------
+    bool
+
+    """
+    import json
+
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("kind") == "sh-field"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_field(args: argparse.Namespace) -> Path:
+    """Train, resume or export an SH-field model (`qid2_bidsapp.model.field_train`).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed arguments (``--device`` is not used: SH-field training runs on the CPU).
+
+    Returns
+    -------
+    Path
+        The model folder (``--export`` or finished) or the training state.
+
+    """
+    import dataclasses
+
+    from ..model.field_train import STATE_NAME, FieldTrainConfig, export_model, train_field
+
+    config = FieldTrainConfig.from_file(args.config)
+    overrides = {"steps": args.steps, "output": None if args.output is None else str(args.output)}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    output = Path(config.output)
+    if not args.resume:
+        for name in (STATE_NAME, "train_log.jsonl"):
+            (output / name).unlink(missing_ok=True)
+    if args.export:
+        if not (output / STATE_NAME).is_file():
+            raise Qid2Error(f"{output / STATE_NAME}: no training state to export")
+        return export_model(output, output / config.name)
+    state = train_field(config, max_minutes=args.max_minutes)
+    steps = _state_step(state)
+    if steps >= config.steps:
+        return export_model(output, output / config.name)
+    return state
+
+
+def _state_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``qid2-train``.
 
@@ -106,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
             raise Qid2Error(
                 f"training needs the model extra (pip install 'qid2[model]'): {err}"
             ) from None
-        config = load_config(args)
-        result = train(config, resume=args.resume, export_only=args.export)
+        if is_field_config(args.config):
+            result = run_field(args)
+        else:
+            config = load_config(args)
+            result = train(config, resume=args.resume, export_only=args.export)
     except Qid2Error as exc:
         print(f"qid2-train: error: {exc}", file=sys.stderr)
         return 1

@@ -91,6 +91,10 @@ class FieldTrainConfig:
         at the hidden directions against the measured, Rician-corrected values).
     init_weights : str, optional
         Start from these weights (a run's ``training_state.pt`` or a snapshot): a fine-tune.
+    kind : str
+        ``"sh-field"``: tells ``qid2-train`` that this is an SH-field configuration.
+    name : str
+        Name of the model folder ``qid2-train --export`` writes into ``output``.
 
     """
 
@@ -124,6 +128,8 @@ class FieldTrainConfig:
     real_fraction: float = 0.0
     real_weight: float = 1.0
     init_weights: str | None = None
+    kind: str = "sh-field"
+    name: str = "qid2-field"
 
     @classmethod
     def from_file(cls, path: str | Path) -> FieldTrainConfig:
@@ -652,7 +658,16 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "random protocols and Rician noise drawn per example by model.field_data)",
             "slabs_available": len(slabs),
             "protocol": {**asdict(Protocol()), **config.get("protocol", {})},
-            "real_data": "none (every real scan is held out)",
+            "real_data": (
+                "self-supervised on "
+                + ", ".join(
+                    f"{r['path']} ({', '.join(r.get('participant_label') or ['all'])})"
+                    for r in config.get("real_sources", [])
+                )
+                + f", {config.get('real_fraction', 0):.0%} of each batch"
+                if config.get("real_sources")
+                else "none (every real scan is held out)"
+            ),
         },
         "steps": int(state["step"]),
         "steps_planned": int(config["steps"]),
@@ -682,11 +697,89 @@ def training_record(output: str | Path) -> dict[str, Any]:
         },
         "final_validation": validations[-1] if validations else None,
         "seed": config["seed"],
+        "init_weights": config.get("init_weights"),
+        "real_sources": config.get("real_sources", []),
+        "real_fraction": config.get("real_fraction", 0.0),
     }
 
 
+def model_card(record: dict[str, Any], name: str) -> str:
+    """Markdown model card of an SH-field model from its training record.
+
+    Parameters
+    ----------
+    record : dict
+        `training_record`.
+    name : str
+        Model name.
+
+    Returns
+    -------
+    str
+
+    """
+    val = record.get("final_validation") or {}
+
+    def num(key: str) -> str:
+        value = val.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    protocol = record["data"]["protocol"]
+    return "\n".join(
+        [
+            f"# {name}: qid2 SH-field diffusion model",
+            "",
+            "**What it does.** For one shell of a DWI scan, predicts the spherical-harmonic "
+            "coefficients (order 6) of the whole angular signal S/S0 of every slice, from the "
+            "acquired directions' SH fits of that slice and its two neighbours, in one network "
+            "pass per slice and sampling step (truncated DDIM from the regularised SH fit); any "
+            "target direction is evaluated from the coefficients.",
+            "",
+            "## Training",
+            f"- Data: {record['data']['source']}; {record['data']['slabs_available']} slabs; "
+            f"protocols: {protocol['n_directions'][0]}-{protocol['n_directions'][1]} "
+            f"directions, SNR {protocol['snr'][0]:g}-{protocol['snr'][1]:g}, "
+            f"{protocol['n_b0'][0]}-{protocol['n_b0'][1]} b=0 volumes.",
+            f"- Real scans: {record['data']['real_data']}.",
+            f"- Steps: {record['steps']} (planned {record['steps_planned']}); wall time "
+            f"{record['wall_time_s'] / 3600:.1f} h, about {record['cpu_hours']:.1f} CPU-hours on "
+            f"{record['hardware']['cpu']} ({record['hardware']['torch_threads']} torch "
+            "thread(s), no GPU).",
+            f"- Optimiser: {record['optimizer']['name']}, lr {record['optimizer']['lr']:g} -> "
+            f"{record['optimizer']['lr_min']:g} ({record['optimizer']['schedule']}), batch "
+            f"{record['optimizer']['batch_size']} crops of {record['optimizer']['crop']}^2.",
+            f"- Loss: {record['loss']['terms']} (fa_weight {record['loss']['fa_weight']:g}); "
+            f"targets: {record['loss']['target']}.",
+            *(
+                [f"- Fine-tuned from: {record['init_weights']}."]
+                if record.get("init_weights")
+                else []
+            ),
+            "",
+            "## Validation during training (held-out simulated slabs, mixed protocols)",
+            f"- FA MAE of the predicted field vs the truth: network {num('net_fa_mae')}, its "
+            f"SH prior {num('prior_fa_mae')}, order-2 fit of the input {num('fit2_fa_mae')}.",
+            "",
+            "## Evaluation",
+            "See docs/results.md (commands there) for the held-out simulated brains and real "
+            "scans; the numbers there, not the validation above, say what a user gains.",
+            "",
+            "## Limits",
+            "- Trained on simulated brains driven by ONE real subject's fibre peaks (TractSeg), "
+            "deformed and rotated; real anatomy and artefacts differ.",
+            "- Single-shell model applied shell by shell; b-values outside 700-3000 s/mm² and "
+            "more than 64 directions are outside its training range.",
+            "",
+        ]
+    )
+
+
 def export_model(
-    output: str | Path, folder: str | Path, *, card: str, weights: str | Path | None = None
+    output: str | Path,
+    folder: str | Path,
+    *,
+    card: str | None = None,
+    weights: str | Path | None = None,
 ) -> Path:
     """Write a model folder from a run: the state's (or a snapshot's) weights, config, card.
 
@@ -696,8 +789,8 @@ def export_model(
         The run folder.
     folder : str or Path
         Destination model folder (replaced if it holds a model).
-    card : str
-        Markdown of MODEL_CARD.md.
+    card : str, optional
+        Markdown of MODEL_CARD.md (default: `model_card` of the training record).
     weights : str or Path, optional
         A snapshot (``snapshots/step-*.pt``) to export instead of the state's weights.
 
@@ -719,6 +812,8 @@ def export_model(
     record = training_record(output)
     if weights is not None:
         record["exported_weights"] = Path(weights).name
+    if card is None:
+        card = model_card(record, Path(folder).name)
     return save_model(folder, network, config, training=record, card=card, overwrite=True)
 
 
