@@ -90,7 +90,8 @@ class FieldTrainConfig:
         Weight of the real examples' loss (``1000 x`` the masked MSE of the predicted ``S/S0``
         at the hidden directions against the measured, Rician-corrected values).
     init_weights : str, optional
-        Start from these weights (a run's ``training_state.pt`` or a snapshot): a fine-tune.
+        Start from these weights (a model folder, a run's ``training_state.pt`` or a
+        snapshot): a fine-tune.
     kind : str
         ``"sh-field"``: tells ``qid2-train`` that this is an SH-field configuration.
     name : str
@@ -349,6 +350,14 @@ class FieldTrainer:
         return shells
 
     def _load_initial_weights(self, path: Path) -> None:
+        if path.is_dir():  # a model folder (verified, and its architecture must match)
+            from .checkpoint import load_model
+
+            network, config, _ = load_model(path)
+            if config.to_dict() != self.model_config.to_dict():
+                raise Qid2Error(f"{path}: its model configuration differs from this run's")
+            self.network.load_state_dict(network.state_dict())
+            return
         state = torch.load(path, map_location="cpu", weights_only=True)
         tensors = state["model"] if isinstance(state, dict) and "model" in state else state
         self.network.load_state_dict(tensors)
