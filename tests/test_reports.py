@@ -468,3 +468,35 @@ def test_group_flags_come_from_each_runs_verdict_and_labels_keep_runs_apart(tmp_
     assert [r["flag"] for r in table] == [False, True]
     single = _table_rows(rows[1:], ["subject", "trust"], tmp_path)  # one run: still flagged
     assert single[0]["flag"] is True
+
+
+def test_qid2_methods_paragraph_is_manuscript_ready():
+    import re
+
+    from qid2_bidsapp.reports.methods import methods_paragraph
+
+    settings = {
+        "model_id": "qid2-default-0123456789ab",
+        "model_kind": "sh-field",
+        "model_sha256": "ab" * 32,
+        "model_dir": "/tmp/some/local/path",
+        "sampler": {"n_steps": 2, "t_start": 100, "temperature": 1.0, "n_samples": 2, "eta": 0.0},
+        "seed": 0,
+        "device": "cpu",
+        "amp": False,
+        "amp_requested": True,
+        "precision": "float32",
+        "prior": {"engine": "sh", "order": 6, "lambda": 0.006},
+        "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
+        "adaptation": {"steps": 0},
+        "batch_size": "auto",
+    }
+    html = methods_paragraph("qid2", settings, 30, 60, [1000], version="0.2.0", seed=0)
+    text = re.sub("<[^>]+>", "", html)
+    for internal in ("/tmp", "model_frame_bvecs", "adaptation", "further engine settings"):
+        assert internal not in text
+    assert not re.search(r"\bamp\b", text)
+    assert "qid2-default-0123456789ab" in text and "2 DDIM step(s)" in text
+    numbers = [int(n) for n in re.findall(r"<sup>\[([\d,]+)\]</sup>", html) for n in n.split(",")]
+    first_seen = list(dict.fromkeys(numbers))
+    assert first_seen == sorted(first_seen)  # numbered in the order of the text
