@@ -222,9 +222,14 @@ def collect_dwi_runs(
         query["subject"] = wanted
     if session_ids:
         wanted_ses = [strip_label(s, "ses-") for s in session_ids]
-        missing = sorted(set(wanted_ses) - set(layout.get_sessions()))
+        sessions = sorted(layout.get_sessions())
+        missing = sorted(set(wanted_ses) - set(sessions))
         if missing:
-            raise InputError(bids_dir, f"session(s) not found: {', '.join(missing)}")
+            raise InputError(
+                bids_dir,
+                f"session(s) not found: {', '.join('ses-' + m for m in missing)} "
+                f"(found: {', '.join('ses-' + s for s in sessions) or 'none'})",
+            )
         query["session"] = wanted_ses
     files = sorted(layout.get(**query))
     if not files:

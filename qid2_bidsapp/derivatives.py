@@ -86,6 +86,42 @@ def run_output_paths(run: DWIRun, output_dir: Path) -> dict[str, Path]:
     }
 
 
+def check_writable_dir(path: Path, what: str = "folder") -> None:
+    """Check that a folder exists and is writable, or can be created.
+
+    Parameters
+    ----------
+    path : Path
+        The folder (need not exist).
+    what : str
+        How to name it in the message (``output_dir``, ``work_dir``).
+
+    Raises
+    ------
+    InputError
+        When a regular file is in the way, the folder is not writable, or the nearest
+        existing parent is not writable (one line, what to do).
+
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(path, f"{what} is a file, not a folder; choose another path")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(probe, f"is a file, so {what} {path} cannot be created under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == path else f" (needed to create {what} {path})"
+        raise InputError(
+            probe,
+            f"is not writable by this user (uid {os.getuid()}){where}; choose a writable "
+            f"{what} or fix its permissions",
+        )
+
+
 def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
     """Refuse output folders that would mix with or overwrite someone's data.
 
@@ -103,6 +139,7 @@ def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
     """
     bids_dir = Path(bids_dir).resolve()
     output_dir = Path(output_dir).resolve()
+    check_writable_dir(output_dir, "output_dir")
     if output_dir == bids_dir or bids_dir.is_relative_to(output_dir):
         raise InputError(output_dir, "output_dir must not be the input dataset or contain it")
     if output_dir.is_relative_to(bids_dir) and not output_dir.is_relative_to(

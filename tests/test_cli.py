@@ -331,3 +331,99 @@ def test_a_shell_with_too_few_directions_is_kept_as_acquired(example_bids, tmp_p
     kept, reasons = usable_shells(table, sorted(table.shells))
     assert kept == [1000] and len(reasons) == 1 and "b=300" in reasons[0]
     assert distinct_directions(np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0.01]])) == 2
+
+
+def _as_unprivileged(args: list[str]) -> tuple[int, str]:
+    """Run qid2's ``main(args)`` in a forked child that dropped to uid/gid 65534 (needs root).
+
+    The interpreter lives under /root here, which the unprivileged user cannot read, so the
+    child does not exec: it forks with the modules the preflight needs already imported.
+    """
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to an unprivileged user")
+    from nipype import config as _nipype_config  # noqa: F401
+
+    import qid2_bidsapp.bids  # noqa: F401 - imported before the fork (see above)
+    import qid2_bidsapp.datacheck  # noqa: F401
+    import qid2_bidsapp.derivatives  # noqa: F401
+    import qid2_bidsapp.engines.qid2  # noqa: F401
+    import qid2_bidsapp.engines.sh  # noqa: F401
+    import qid2_bidsapp.hpc_plugin  # noqa: F401
+    import qid2_bidsapp.reports.subject  # noqa: F401
+    import qid2_bidsapp.upsampling  # noqa: F401
+    import qid2_bidsapp.workflows.base  # noqa: F401
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        status = 99
+        try:
+            os.close(read)
+            os.dup2(write, 2)
+            sys.stderr = os.fdopen(2, "w", closefd=False)  # pytest replaces sys.stderr
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            status = main(args)
+        except BaseException:  # noqa: BLE001 - report anything to the parent's stderr
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read) as handle:
+        err = handle.read()
+    _, code = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(code), err
+
+
+@pytest.fixture
+def world_readable_tmp():
+    """A folder that an unprivileged user can reach (pytest's tmp_path is root-only)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="qid2-unprivileged-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["output", "parent", "file", "input"])
+def test_unwritable_or_unreadable_places_give_one_line_before_validation(
+    example_bids_ro, world_readable_tmp, where
+):
+    import shutil
+
+    base = world_readable_tmp
+    bids = Path(shutil.copytree(example_bids_ro, base / "bids"))
+    for path in [bids, *bids.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    out = base / "out"
+    if where == "output":
+        out.mkdir(mode=0o555)
+        named = out
+    elif where == "parent":
+        parent = base / "ro"
+        parent.mkdir(mode=0o555)
+        out, named = parent / "out", parent
+    elif where == "file":
+        out.write_text("not a folder")
+        named = out
+    else:  # the input dataset cannot be read
+        bids.chmod(0o700)
+        named = bids
+    work = base / "work"
+    work.mkdir(mode=0o777)
+    status, err = _as_unprivileged(
+        [str(bids), str(out), "participant", "--engine", "sh", "-w", str(work)]
+    )
+    assert status == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("qid2: error:")]
+    assert len(lines) == 1 and str(named) in lines[0], err
+    assert "Traceback" not in err
+    assert "validating" not in err  # refused before the validator ran

@@ -63,6 +63,28 @@ def _existing_dir(value: str) -> Path:
     return path.resolve()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only where the help does not already say it and X is a value."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose 'required' error shows the BIDS-Apps call."""
+
+    def error(self, message: str):
+        if "the following arguments are required" in message:
+            message += (
+                "; call it as: qid2 BIDS_DIR OUTPUT_DIR {participant,group} [options], e.g. "
+                "qid2 /data/bids /data/derivatives/qid2 participant (see qid2 --help)"
+            )
+        super().error(message)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     """Build the qid2 argument parser.
 
@@ -71,14 +93,14 @@ def _build_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
 
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qid2",
         description=(
             "qid2: q-space (angular) up-sampling of diffusion MRI. Synthesises new gradient "
             "directions for each DWI run of a BIDS dataset, writes a BIDS derivative with DTI/FA "
             "quality control and an HTML report per participant."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "bids_dir",

@@ -101,14 +101,27 @@ def preflight(config: Config) -> list:
     """
     from ..bids import collect_dwi_runs, detect_input_type
     from ..datacheck import check_dwi_data, read_dwi_data, usable_shells
-    from ..derivatives import check_output_dir
+    from ..derivatives import check_output_dir, check_writable_dir
     from ..engines.base import get_engine
     from ..gradients import load_target_bvecs
     from ..upsampling import load_dwi_header, match_shells, read_gradients
 
-    if not config.bids_dir.is_dir():
+    try:
+        is_dir = config.bids_dir.is_dir()
+        readable = is_dir and os.access(config.bids_dir, os.R_OK | os.X_OK)
+    except PermissionError:
+        is_dir, readable = True, False
+    if not is_dir:
         raise InputError(config.bids_dir, "bids_dir does not exist or is not a folder")
+    if not readable:
+        raise InputError(
+            config.bids_dir,
+            f"bids_dir cannot be read by this user (uid {os.getuid()}); fix its permissions",
+        )
     get_engine(config.engine, **config.engine_options)
+    # cheap checks of where qid2 writes come before the (slow) validator
+    check_output_dir(config.bids_dir, config.output_dir)
+    check_writable_dir(config.work_dir, "work_dir")
     input_type = config.input_type
     if input_type == "auto":
         input_type = detect_input_type(config.bids_dir)
@@ -119,7 +132,6 @@ def preflight(config: Config) -> list:
         LOGGER.info("validating %s with bids-validator-deno", config.bids_dir)
         result = validate_input(config.bids_dir)
         LOGGER.info("BIDS validation: %s", result.summary())
-    check_output_dir(config.bids_dir, config.output_dir)
     if config.target_bvecs is not None:
         load_target_bvecs(config.target_bvecs)
     runs = collect_dwi_runs(
