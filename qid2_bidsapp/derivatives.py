@@ -6,9 +6,10 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from . import __version__
@@ -318,17 +319,63 @@ def write_dataset_description(output_dir: Path, bids_dir: Path) -> Path:
     return path
 
 
-def publish(files: Mapping[Path | str, Path | str]) -> list[Path]:
+#: Temporary names of `publish` and `atomic_open`: ``.<name>.<32 hex digits>.tmp``.
+_TMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+
+
+def sweep_stale_tmp(folder: Path) -> list[Path]:
+    """Remove temporary files that a killed qid2 left in a folder.
+
+    Call it only while holding `locked` on the output folder: every publisher stages and
+    renames its files under that lock, so a temporary file found then belongs to a process
+    that died (SIGKILL, power loss) and can go.
+
+    Parameters
+    ----------
+    folder : Path
+        A destination folder.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+
+    """
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for path in Path(folder).iterdir():
+        if path.is_file() and _TMP_PATTERN.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def publish(
+    files: Mapping[Path | str, Path | str],
+    *,
+    output_dir: Path | str | None = None,
+    obsolete: Iterable[Path | str] = (),
+) -> list[Path]:
     """Copy finished files into the output folder, all or nothing.
 
     Every source is first copied to a hidden temporary name beside its destination; only when
     all copies succeeded are they renamed into place (``os.replace``, atomic per file). On any
-    failure the temporary copies are removed and no destination is touched.
+    failure the temporary copies are removed and no destination is touched. With
+    `output_dir`, this happens under the output folder's lock (`locked`), after removing the
+    temporary files a killed run left in the destination folders (`sweep_stale_tmp`), and the
+    `obsolete` files (outputs of an earlier run of the same input that this run does not
+    produce, e.g. a qid2 uncertainty map after a rerun with ``--engine sh``) are removed once
+    the new files are in place.
 
     Parameters
     ----------
     files : mapping
         ``{source: destination}``.
+    output_dir : Path, optional
+        The derivative dataset root (for the lock).
+    obsolete : iterable of Path
+        Destinations of this run that the new outputs do not include.
 
     Returns
     -------
@@ -336,19 +383,28 @@ def publish(files: Mapping[Path | str, Path | str]) -> list[Path]:
         The destinations written.
 
     """
-    staged: list[tuple[Path, Path]] = []
-    token = uuid.uuid4().hex
-    try:
-        for src, dst in files.items():
-            dst = Path(dst)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.{token}.tmp")
-            shutil.copyfile(src, tmp)
-            staged.append((tmp, dst))
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, dst in staged:
-        os.replace(tmp, dst)
+    context = locked(Path(output_dir)) if output_dir is not None else contextlib.nullcontext()
+    with context:
+        if output_dir is not None:
+            for folder in {Path(dst).parent for dst in files.values()}:
+                sweep_stale_tmp(folder)
+        staged: list[tuple[Path, Path]] = []
+        token = uuid.uuid4().hex
+        try:
+            for src, dst in files.items():
+                dst = Path(dst)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.{token}.tmp")
+                shutil.copyfile(src, tmp)
+                staged.append((tmp, dst))
+        except BaseException:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, dst in staged:
+            os.replace(tmp, dst)
+        keep = {dst for _, dst in staged}
+        for path in obsolete:
+            if Path(path) not in keep:
+                Path(path).unlink(missing_ok=True)
     return [dst for _, dst in staged]

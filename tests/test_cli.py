@@ -427,3 +427,50 @@ def test_unwritable_or_unreadable_places_give_one_line_before_validation(
     assert len(lines) == 1 and str(named) in lines[0], err
     assert "Traceback" not in err
     assert "validating" not in err  # refused before the validator ran
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(2, 130), (15, 143)])
+def test_signals_stop_every_worker_with_one_line(example_bids_ro, tmp_path, signum, code):
+    import os
+    import time
+
+    out, work = tmp_path / "out", tmp_path / f"work-{signum}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qid2_bidsapp.cli.run", str(example_bids_ro), str(out),
+         "participant", "--engine", "sh", "--skip-bids-validation", "--nprocs", "2",
+         "-w", str(work)],
+        stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    logs = out / "logs"
+    while time.monotonic() < deadline:  # wait until workflow steps are running
+        texts = [p.read_text() for p in logs.glob("qid2-*.log")] if logs.is_dir() else []
+        if any("running" in t for t in texts) and len(_processes_mentioning(str(work))) > 1:
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the run did not start its workflow in time")
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("qid2: ")]) == 1, err
+    time.sleep(0.5)
+    assert _processes_mentioning(str(work)) == []  # no worker left behind
+    assert not [p for p in out.rglob("*.tmp")]

@@ -96,3 +96,24 @@ def test_reports_and_figures_get_the_umask_mode_not_owner_only(tmp_path):
         os.umask(previous)
     assert page.stat().st_mode & 0o777 == 0o644
     assert png.stat().st_mode & 0o777 == 0o644
+
+
+def test_publish_sweeps_stale_temporary_files_and_removes_obsolete_outputs(tmp_path):
+    from qid2_bidsapp.derivatives import publish
+
+    out = tmp_path / "out"
+    folder = out / "sub-01" / "dwi"
+    folder.mkdir(parents=True)
+    stale = folder / f".sub-01_dwi.nii.gz.{'a' * 32}.tmp"  # left by a killed run
+    stale.write_text("half a file")
+    other = folder / ".not-ours.tmp"
+    other.write_text("someone else's")
+    old_map = folder / "sub-01_model-qid2_param-std_dwimap.nii.gz"  # from a qid2-engine run
+    old_map.write_text("stale uncertainty")
+    src = tmp_path / "new.txt"
+    src.write_text("new output")
+    written = publish({src: folder / "sub-01_dwi.nii.gz"}, output_dir=out, obsolete=[old_map])
+    assert written == [folder / "sub-01_dwi.nii.gz"]
+    assert not stale.exists() and not old_map.exists()
+    assert other.exists()  # only qid2's own temporary names are swept
+    assert sorted(p.name for p in folder.iterdir()) == [".not-ours.tmp", "sub-01_dwi.nii.gz"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -282,6 +283,10 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
         plugin.name,
         f" (from {plugin.source})" if plugin.source else "",
     )
+    from nipype.pipeline.plugins import multiproc
+
+    if not getattr(multiproc.process_initializer, "qid2_wrapped", False):
+        multiproc.process_initializer = _quiet_worker_initializer(multiproc.process_initializer)
     start = time.perf_counter()
     try:
         workflow.run(plugin=plugin.name, plugin_args=plugin_args)
@@ -372,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         Exit status: 0 on success, 1 on an error the user can act on, 2 on usage errors.
 
     """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         config, plugin_request = _parse_args(argv)
         _setup_logging(config.verbose)
@@ -383,9 +389,52 @@ def main(argv: list[str] | None = None) -> int:
     except Qid2Error as exc:
         print(f"qid2: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qid2: interrupted; finished runs are complete in the output folder", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_Terminated)
+        _stop_workers()
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(
+            f"qid2: {what}; runs that finished are complete in the output folder, nothing else "
+            "was published; rerun with the same -w to resume",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops like on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _stop_workers() -> None:
+    """Terminate the worker processes (Nipype MultiProc) and wait for them."""
+    import multiprocessing
+
+    # the pool's callbacks now fail with BrokenProcessPool: expected while stopping, not news
+    logging.getLogger("concurrent.futures").disabled = True
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+
+
+def _quiet_worker_initializer(original):
+    """Wrap Nipype's worker initializer: workers ignore Ctrl-C (the main process stops them)."""
+
+    def initializer(*args):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        original(*args)
+
+    initializer.qid2_wrapped = True
+    return initializer
 
 
 if __name__ == "__main__":

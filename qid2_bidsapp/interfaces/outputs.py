@@ -346,6 +346,10 @@ class Sidecars(SimpleInterface):
 class _PublishInputSpec(BaseInterfaceInputSpec):
     in_files = traits.List(File(exists=True), mandatory=True, desc="finished files")
     out_paths = traits.List(traits.Str, mandatory=True, desc="destinations, same order")
+    output_dir = traits.Str(desc="derivative dataset root (publish under its lock)")
+    obsolete_paths = traits.List(
+        traits.Str, desc="this run's outputs of other engines, removed once published"
+    )
 
 
 class _PublishOutputSpec(TraitedSpec):
@@ -363,7 +367,13 @@ class PublishRun(SimpleInterface):
 
         if len(self.inputs.in_files) != len(self.inputs.out_paths):
             raise ValueError("in_files and out_paths differ in length")
-        written = publish(dict(zip(self.inputs.in_files, self.inputs.out_paths, strict=True)))
+        output_dir = self.inputs.output_dir if isdefined(self.inputs.output_dir) else None
+        obsolete = self.inputs.obsolete_paths if isdefined(self.inputs.obsolete_paths) else []
+        written = publish(
+            dict(zip(self.inputs.in_files, self.inputs.out_paths, strict=True)),
+            output_dir=output_dir,
+            obsolete=obsolete,
+        )
         self._results["out_files"] = [str(p) for p in written]
         return runtime
 

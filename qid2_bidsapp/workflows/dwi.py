@@ -183,7 +183,11 @@ def init_dwi_upsample_wf(*, run: DWIRun, config: Config, name: str = "dwi_upsamp
     gather = pe.Node(niu.Merge(len(published)), name="gather_outputs", run_without_submitting=True)
     destinations = run_output_paths(run, config.output_dir)
     publish = pe.Node(
-        PublishRun(out_paths=[str(destinations[key]) for key in published]),
+        PublishRun(
+            out_paths=[str(destinations[key]) for key in published],
+            output_dir=str(config.output_dir),
+            obsolete_paths=[str(p) for k, p in destinations.items() if k not in published],
+        ),
         name="publish",
         overwrite=True,  # always re-copy: the user may have deleted outputs
     )
