@@ -474,3 +474,54 @@ def test_signals_stop_every_worker_with_one_line(example_bids_ro, tmp_path, sign
     time.sleep(0.5)
     assert _processes_mentioning(str(work)) == []  # no worker left behind
     assert not [p for p in out.rglob("*.tmp")]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 5 MB tmpfs (needs root and mount): a nearly full disk."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("which", ["output", "work"])
+def test_full_disk_is_refused_in_preflight(example_bids_ro, tmp_path, small_tmpfs, which, capsys):
+    out = small_tmpfs / "out" if which == "output" else tmp_path / "out"
+    work = tmp_path / "work" if which == "output" else small_tmpfs / "work"
+    status, err = run_cli(
+        capsys, example_bids_ro, out, "participant", "--engine", "sh",
+        "--skip-bids-validation", "-w", work,
+    )  # fmt: skip
+    assert status == 1
+    lines = [line for line in err.splitlines() if line.startswith("qid2: error:")]
+    assert len(lines) == 1 and "not enough free space" in lines[0], err
+    assert str(small_tmpfs) in lines[0]
+    assert list(small_tmpfs.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_crash_files_of_data_and_disk_problems_become_one_sentence(tmp_path):
+    from qid2_bidsapp.failures import explain_failed_steps
+
+    disk = tmp_path / "crash-1.txt"
+    disk.write_text(
+        "Traceback (most recent call last):\n  ...\nOSError: [Errno 28] No space left on "
+        "device: '/out/sub-01/dwi/.sub-01_dwi.nii.gz.abc.tmp'\n"
+    )
+    data = tmp_path / "crash-2.txt"
+    data.write_text("...\nqid2_bidsapp.errors.InputError: /in/sub-01_dwi.nii.gz: bad data\n")
+    bug = tmp_path / "crash-3.txt"
+    bug.write_text("...\nZeroDivisionError: division by zero\n")
+    assert explain_failed_steps([disk]).startswith(
+        "no space left on the device while writing /out/sub-01/dwi/"
+    )
+    assert explain_failed_steps([bug, data]) == "/in/sub-01_dwi.nii.gz: bad data"
+    assert explain_failed_steps([bug]) is None

@@ -166,6 +166,9 @@ def preflight(config: Config) -> list:
         selected.append(run)
     if not selected:
         raise InputError(config.bids_dir, f"no DWI run has any of the shells {config.shells}")
+    from ..failures import check_free_space
+
+    check_free_space(config.output_dir, config.work_dir, [r.dwi for r in selected])
     return selected
 
 
@@ -288,10 +291,17 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
     if not getattr(multiproc.process_initializer, "qid2_wrapped", False):
         multiproc.process_initializer = _quiet_worker_initializer(multiproc.process_initializer)
     start = time.perf_counter()
+    wall_start = time.time()
     try:
         workflow.run(plugin=plugin.name, plugin_args=plugin_args)
     except RuntimeError as exc:
         bar.close()
+        from ..failures import explain_failed_steps
+
+        crashes = [p for p in crash_dir.glob("crash-*") if p.stat().st_mtime >= wall_start - 1]
+        cause = explain_failed_steps(sorted(crashes))
+        if cause:
+            raise Qid2Error(f"{cause} (details: {crash_dir}, log: {log_path})") from None
         what = f"{len(failed)} step(s) failed: {', '.join(failed[:3])}" if failed else str(exc)
         more = ", ..." if len(failed) > 3 else ""
         raise Qid2Error(
