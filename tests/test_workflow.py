@@ -148,8 +148,8 @@ def test_interp_engine_and_user_targets(example_bids_ro, tmp_path):
     assert (out / "logs" / "graph.dot").exists()
 
 
-def test_failed_run_leaves_no_partial_files(example_bids, tmp_path, capsys):
-    """A run whose data cannot be read fails; the other run is published whole."""
+def test_truncated_run_is_refused_before_anything_is_written(example_bids, tmp_path, capsys):
+    """A run whose data cannot be read to the end stops the invocation in preflight."""
     broken = example_bids / "sub-02/ses-1/dwi/sub-02_ses-1_dir-AP_dwi.nii.gz"
     raw = gzip.decompress(broken.read_bytes())
     broken.write_bytes(gzip.compress(raw[: len(raw) // 3]))  # header intact, data truncated
@@ -168,10 +168,9 @@ def test_failed_run_leaves_no_partial_files(example_bids, tmp_path, capsys):
     )
     assert status == 1
     err = capsys.readouterr().err
-    assert "failed" in err and "crash" in err
-    assert not (out / "sub-02" / "ses-1" / "dwi").exists()
-    check_run_outputs(out / next(iter(RUNS)), 17)
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    lines = [line for line in err.splitlines() if line.startswith("qid2: error:")]
+    assert len(lines) == 1 and broken.name in lines[0] and "truncated" in lines[0]
+    assert not out.exists()
 
 
 def test_qsiprep_style_input(example_bids_ro, tmp_path):
