@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,39 @@ def validator_executable() -> str:
     )
 
 
+def _deno_command() -> list[str] | None:
+    """``[deno, run flags..., bundle]`` for the validator bundled in ``bids_validator_deno``.
+
+    Looked up without the package's launcher, which searches only two install schemes and
+    fails for other users and layouts (``FileNotFoundError: ~/.local/bin/deno``): the scripts
+    folder of this Python, the folder of ``sys.executable``, the PATH, and a ``bin`` beside the
+    packages (``pip install --target``). None when deno or the bundle cannot be found.
+    """
+    import sysconfig
+
+    try:
+        import bids_validator_deno
+    except ImportError:
+        return None
+    bundle = Path(bids_validator_deno.__file__).with_name("bids-validator.js")
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "deno",
+        Path(sys.executable).parent / "deno",
+        Path(shutil.which("deno") or "/nonexistent/deno"),
+    ]
+    try:
+        import deno as deno_package
+
+        candidates.append(Path(deno_package.__file__).parents[1] / "bin" / "deno")
+    except ImportError:
+        pass
+    found = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+    if found is None or not bundle.is_file():
+        return None
+    flags = ["--allow-read", "--allow-env", "--allow-net", "--allow-write", "--allow-run=git"]
+    return [str(found), "run", *flags, str(bundle)]
+
+
 def run_validator(dataset: Path, timeout: float = 600) -> ValidationResult:
     """Validate a dataset and return its issues.
 
@@ -64,8 +98,17 @@ def run_validator(dataset: Path, timeout: float = 600) -> ValidationResult:
     ValidationResult
 
     """
-    cmd = [validator_executable(), "--format", "json", str(dataset)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    import tempfile
+
+    base = _deno_command() or [validator_executable()]
+    cmd = [*base, "--format", "json", str(dataset)]
+    with tempfile.TemporaryDirectory(prefix="qid2-deno-") as cache:
+        # deno caches under $HOME unless told otherwise: HOME may be unwritable (containers run
+        # with -u, HPC nodes), so give it a private folder; no update check (offline)
+        env = {**os.environ, "DENO_DIR": cache, "DENO_NO_UPDATE_CHECK": "1"}
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,14 @@ def test_no_dwi(tmp_path):
     (tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"")
     with pytest.raises(InputError, match="no 'dwi"):
         collect_dwi_runs(tmp_path)
+
+
+def test_validator_runs_with_an_unwritable_home(example_bids_ro, monkeypatch):
+    from qid2_bidsapp.validation import run_validator
+
+    home = Path("/nonexistent-qid2-home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("DENO_DIR", raising=False)
+    result = run_validator(example_bids_ro)
+    assert not result.errors, result.summary()
+    assert not home.exists()  # deno's cache went to a private temporary folder
