@@ -7,6 +7,7 @@ problem raises `~qid2_bidsapp.errors.GradientError` naming the offending file.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GradientError
+
+_LOGGER = logging.getLogger("qid2")
 
 PathLike = str | os.PathLike
 
@@ -295,10 +298,11 @@ def read_fsl_gradients(
     Raises
     ------
     GradientError
-        For an unreadable or non-numeric file, a wrong shape (including a transposed
-        ``.bvec``), a count that differs from the other file or from `n_volumes`, NaN or inf,
-        negative b-values, no b=0 volume, a non-zero vector at ``b == 0``, or a
-        diffusion-weighted vector that is not a unit vector.
+        For an unreadable or non-numeric file, a wrong shape (a transposed ``.bvec`` is read,
+        with a warning in the log, when its row count matches the b-values), a count that
+        differs from the other file or from `n_volumes`, NaN or inf, negative b-values, no b=0
+        volume, a non-zero vector at ``b == 0``, or a diffusion-weighted vector that is not a
+        unit vector.
 
     """
     bvals = _read_matrix(bval_path)
@@ -311,13 +315,26 @@ def read_fsl_gradients(
     bvals = bvals.reshape(-1)
     bvecs = _read_matrix(bvec_path)
     if bvecs.shape[0] != 3:
-        if bvecs.shape[1] == 3:
+        if bvecs.shape[1] == 3 and bvecs.shape[0] == bvals.size:
+            # N rows x 3 columns, N = the b-value count: unambiguous (DIPY and MRtrix read it)
+            _LOGGER.warning(
+                "%s: transposed (%d rows x 3 columns; FSL .bvec files have 3 rows): read as "
+                "one row per volume",
+                bvec_path,
+                bvecs.shape[0],
+            )
+            bvecs = bvecs.T
+        elif bvecs.shape[1] == 3:
             raise GradientError(
                 bvec_path,
-                f"appears transposed: {bvecs.shape[0]} rows × 3 columns; FSL .bvec files "
-                "have 3 rows, one column per volume",
+                f"appears transposed: {bvecs.shape[0]} rows × 3 columns, but "
+                f"{Path(bval_path).name} has {bvals.size} b-values; FSL .bvec files have 3 "
+                "rows, one column per volume",
             )
-        raise GradientError(bvec_path, f"should have 3 rows (x, y, z), found {bvecs.shape[0]} rows")
+        else:
+            raise GradientError(
+                bvec_path, f"should have 3 rows (x, y, z), found {bvecs.shape[0]} rows"
+            )
     bvecs = bvecs.T
     _check_count(bval_path, bvals.size, "b-values", n_volumes)
     _check_count(bvec_path, len(bvecs), "columns (one per volume)", n_volumes)

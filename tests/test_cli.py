@@ -209,14 +209,14 @@ def _corrupt(bids: Path, kind: str) -> tuple[str, str]:
         bvecs[:, 0] = [0.0, 0.0, 1.0]
         np.savetxt(bvec_path, bvecs, fmt="%.6f")
         return "sub-01_dwi.bvec", "b=0"
-    if kind == "transposed":
-        np.savetxt(bvec_path, bvecs.T, fmt="%.6f")
+    if kind == "transposed-wrong-count":
+        np.savetxt(bvec_path, bvecs.T[:-1], fmt="%.6f")
         return "sub-01_dwi.bvec", "transposed"
     raise ValueError(kind)
 
 
 @pytest.mark.parametrize(
-    "kind", ["count", "nan", "inf", "non-unit", "no-b0", "vector-at-b0", "transposed"]
+    "kind", ["count", "nan", "inf", "non-unit", "no-b0", "vector-at-b0", "transposed-wrong-count"]
 )
 def test_corrupt_gradients_give_one_line_error_and_write_nothing(
     kind, example_bids, tmp_path, capsys

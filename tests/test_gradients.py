@@ -130,8 +130,9 @@ def _corrupt(name):
         bvals[6] = np.inf
     elif name == "negative":
         bvals[2] = -1000
-    elif name == "transposed":
+    elif name == "transposed":  # and one row short: ambiguous, refused
         kwargs["transpose"] = True
+        bvecs = bvecs[:-1]
     elif name == "no_b0":
         bvals[0], bvecs[0] = 1000, unit_vectors(1, 7)[0]
     elif name == "b0_vector":
@@ -153,7 +154,7 @@ def _corrupt(name):
         ("nan", "bvec", "non-finite value (NaN) at volume 5"),
         ("inf", "bval", "non-finite value (inf) at volume 6"),
         ("negative", "bval", "negative b-value (-1000) at volume 2"),
-        ("transposed", "bvec", "appears transposed: 13 rows × 3 columns; FSL .bvec files have 3"),
+        ("transposed", "bvec", "appears transposed: 12 rows × 3 columns, but sub-01_dwi.bval"),
         ("no_b0", "bval", "no b=0 volume (b <= 50)"),
         ("b0_vector", "bvec", "b=0 volume 0 has a non-zero b-vector (0.600, 0.800, 0.000)"),
         ("non_unit", "bvec", "volume 3 (b=1000) has a b-vector of norm 0.500"),
@@ -350,3 +351,15 @@ def test_real_gradients():
         table = read_fsl_gradients(bval_path, stem + ".bvec", n_volumes)
         assert table.b0_mask.sum() == 1, bval_path.name
         assert len(table.shells) == 1, bval_path.name
+
+
+def test_transposed_bvec_with_matching_count_is_read_with_a_warning(tmp_path, caplog):
+    bvals, bvecs, _, _ = _corrupt("b0_vector")  # any valid table, then fixed up below
+    bvecs[0] = 0.0
+    paths = write_fsl(tmp_path, bvals, bvecs, transpose=True)
+    with caplog.at_level("WARNING", logger="qid2"):
+        table = read_fsl_gradients(*paths, len(bvals))
+    (tmp_path / "ok").mkdir()
+    expected = read_fsl_gradients(*write_fsl(tmp_path / "ok", bvals, bvecs), len(bvals))
+    np.testing.assert_allclose(table.bvecs, expected.bvecs)
+    assert "transposed" in caplog.text
