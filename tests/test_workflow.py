@@ -96,6 +96,17 @@ def test_reports_and_group_table(sh_run):
     assert len(rows) == 3  # sub-01 one shell, sub-02 two shells
     assert (out / "group.html").exists()
     assert list((out / "logs").glob("qid2-*.log")) and list((out / "logs").glob("config-*.json"))
+    # the validator's findings are kept in the log folder and summarised in the report
+    (report,) = (out / "logs").glob("bids-validator-*.json")
+    found = json.loads(report.read_text())
+    assert found["n_errors"] == 0 and found["n_warnings"] == len(found["warnings"])
+    html = (out / "sub-01.html").read_text()
+    assert "BIDS validation" in html and report.name in html
+    # every run and shell has a trust verdict, in the TSV and in the report
+    for row in rows:
+        assert row["trust"] in ("pass", "warn") and row["noise_method"] != "n/a"
+        assert float(row["hidden_nrmse_floor"]) > 0 and float(row["hidden_nrmse_sh"]) > 0
+    assert "Can this up-sampling be trusted?" in html
 
 
 def test_rerun_reuses_finished_steps(sh_run, example_bids_ro):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -133,6 +134,7 @@ def preflight(config: Config) -> list:
         LOGGER.info("validating %s with bids-validator-deno", config.bids_dir)
         result = validate_input(config.bids_dir)
         LOGGER.info("BIDS validation: %s", result.summary())
+        _VALIDATION["result"] = result
     if config.target_bvecs is not None:
         load_target_bvecs(config.target_bvecs)
     runs = collect_dwi_runs(
@@ -170,6 +172,50 @@ def preflight(config: Config) -> list:
 
     check_free_space(config.output_dir, config.work_dir, [r.dwi for r in selected])
     return selected
+
+
+#: The validator's result of this invocation (written to the log folder once it exists).
+_VALIDATION: dict = {}
+
+
+def write_validation_report(logs: Path, stamp: str) -> Path | None:
+    """Write the BIDS validator's warnings (and errors) to ``logs/bids-validator-<stamp>.json``.
+
+    Parameters
+    ----------
+    logs : Path
+        The output's log folder.
+    stamp : str
+        The invocation's stamp (as in ``qid2-<stamp>.log``).
+
+    Returns
+    -------
+    Path or None
+        The file, or None when the validator did not run.
+
+    """
+    from collections import Counter
+
+    from ..derivatives import atomic_write_text
+
+    result = _VALIDATION.pop("result", None)
+    if result is None:
+        return None
+    codes = Counter(str(i.get("code")) for i in result.warnings)
+    path = logs / f"bids-validator-{stamp}.json"
+    document = {
+        "summary": result.summary(),
+        "n_errors": len(result.errors),
+        "n_warnings": len(result.warnings),
+        "warning_codes": dict(codes.most_common()),
+        "errors": result.errors,
+        "warnings": result.warnings,
+    }
+    atomic_write_text(path, json.dumps(document, indent=1) + "\n")
+    if codes:
+        top = ", ".join(f"{code} ({n})" for code, n in codes.most_common(5))
+        LOGGER.info("BIDS validator warnings: %s; all in %s", top, path)
+    return path
 
 
 def load_dwi_header_3d(path: Path) -> tuple[int, ...]:
@@ -245,6 +291,7 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
     log_path = logs / f"qid2-{stamp}.log"
     _add_log_file(log_path)
     config.to_json(logs / f"config-{stamp}.json")
+    write_validation_report(logs, stamp)
     LOGGER.info("qid2 %s; log: %s", __version__, log_path)
     config.work_dir.mkdir(parents=True, exist_ok=True)
     crash_dir = logs / "crash"

@@ -917,6 +917,35 @@ def find_config(
     return None, None, False
 
 
+def validation_summary(config_path: Path | None) -> dict | None:
+    """Read the BIDS validator's summary of an invocation (``logs/bids-validator-<stamp>.json``).
+
+    Parameters
+    ----------
+    config_path : Path or None
+        The invocation's ``config-<stamp>.json``.
+
+    Returns
+    -------
+    dict or None
+        ``name``, ``summary``, ``codes`` (the most frequent warning codes with counts); None
+        when the validator did not run (or the file is missing).
+
+    """
+    if config_path is None:
+        return None
+    stamp = Path(config_path).stem.removeprefix("config-")
+    path = Path(config_path).with_name(f"bids-validator-{stamp}.json")
+    if not path.is_file():
+        return None
+    try:
+        data = _read_json(path)
+    except InputError:
+        return None
+    codes = list((data.get("warning_codes") or {}).items())[:8]
+    return {"name": path.name, "summary": data.get("summary", ""), "codes": codes}
+
+
 def command_line(config: dict | None) -> str | None:
     """Return the command line stored in a config (``command_line``, ``command`` or ``argv``)."""
     if not config:
@@ -977,6 +1006,7 @@ def build_subject_report(output_dir: Path, subject: str, *, log_path: Path | Non
         generated=_now(),
         report_version=__version__,
         generated_by=dataset_generated_by(output_dir),
+        validation=validation_summary(config_path),
         log=None
         if log_path is None
         else {"href": _href(output_dir, Path(log_path)), "name": Path(log_path).name},
