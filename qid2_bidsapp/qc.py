@@ -420,7 +420,14 @@ def hidden_direction_check(
     kept = np.delete(shell, local_hidden)
     configure = getattr(engine, "set_acquisition", None)
     if callable(configure):  # engines conditioned on the S0 noise (qid2 SH-field models)
-        configure(n_b0=int(np.count_nonzero(bvals <= b0_threshold)))
+        sigma = noise_sigma
+        if sigma is None and getattr(engine, "needs_noise", False):
+            from .trust import estimate_noise
+
+            # the noise of the volumes the engine is given (hidden ones excluded)
+            given = np.r_[np.flatnonzero(bvals <= b0_threshold), kept]
+            sigma, _ = estimate_noise(data[..., given], bvals[given], bvecs[given], mask)
+        configure(n_b0=int(np.count_nonzero(bvals <= b0_threshold)), noise_sigma=sigma)
     prediction = engine.predict(
         data[..., kept].astype(np.float32),
         _mean_b0(data, bvals, b0_threshold),

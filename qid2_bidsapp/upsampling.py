@@ -267,7 +267,13 @@ def upsample_shells(
     b0 = mean_b0(data, table)
     configure = getattr(engine, "set_acquisition", None)
     if callable(configure):  # engines conditioned on the S0 noise (qid2 SH-field models)
-        configure(n_b0=int(np.count_nonzero(table.b0_mask)))
+        sigma = None
+        if getattr(engine, "needs_noise", False):
+            from .trust import estimate_noise
+
+            noise_mask = mask if mask is not None else brain_mask(b0)
+            sigma, _ = estimate_noise(data, table.bvals, table.bvecs, noise_mask)
+        configure(n_b0=int(np.count_nonzero(table.b0_mask)), noise_sigma=sigma)
     volumes, bvals, bvecs, runtimes = [], [], [], {}
     for plan in plans:
         start = time.perf_counter()

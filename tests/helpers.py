@@ -98,13 +98,13 @@ def save_tiny_random_model(folder: Path) -> Path:
     return folder
 
 
-def save_tiny_field_model(folder: Path, *, random: bool = True) -> Path:
+def save_tiny_field_model(folder: Path, *, random: bool = True, **overrides) -> Path:
     """Write a model folder holding a tiny SH-field model (random or untrained weights)."""
     from qid2_bidsapp.model.checkpoint import save_model
     from qid2_bidsapp.model.field_config import FieldConfig
     from qid2_bidsapp.model.field_network import ShFieldNetwork
 
-    cfg = FieldConfig.tiny()
+    cfg = FieldConfig.tiny(**overrides)
     network = ShFieldNetwork(cfg)
     if random:
         randomise_weights(network)

@@ -360,3 +360,33 @@ def test_qid2_train_trains_and_exports_a_field_model(tmp_path):
     assert isinstance(cfg, FieldConfig) and info["training"]["steps"] == 3
     card = (folder / "MODEL_CARD.md").read_text()
     assert "SH-field" in card and "CPU-hours" in card
+
+
+# ----------------------------------------------------------------------------- tensor prior
+
+
+def test_untrained_tensor_prior_model_reproduces_dti_on_the_acquired_directions(tmp_path):
+    from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+    from qid2_bidsapp.engines.base import UncertaintyRecorder, get_engine
+    from qid2_bidsapp.gradients import GradientTable
+    from qid2_bidsapp.qc import fit_dti
+    from qid2_bidsapp.upsampling import plan_targets, upsample_shells
+
+    folder = save_tiny_field_model(tmp_path / "dti0", random=False, prior="dti", noise_input=True)
+    bvecs = np.vstack([np.zeros((2, 3)), hemisphere_directions(15, seed=4)])
+    bvals = np.r_[0.0, 0.0, np.full(15, 1000.0)]
+    clean, brain = phantom_signal((20, 18, 5), bvals, bvecs)
+    rng = np.random.default_rng(1)
+    data = np.abs(clean + rng.normal(0, 15, clean.shape)).astype(np.float32)
+    table = GradientTable(bvals, bvecs)
+    engine = UncertaintyRecorder(
+        get_engine("qid2", model_dir=str(folder), device="cpu", temperature=0.0, n_samples=1)
+    )
+    assert engine.needs_noise
+    plans = plan_targets(table, sorted(table.shells), n_targets=30)
+    synth, sb, sg, _ = upsample_shells(data, table, plans, engine, brain)
+    merged = np.concatenate([data, synth], axis=-1)
+    fa_merged = fit_dti(merged, np.r_[bvals, sb], np.vstack([bvecs, sg]), brain).fa
+    fa_acquired = fit_dti(data, bvals, bvecs, brain).fa
+    assert np.abs(fa_merged - fa_acquired)[brain].mean() < 0.005
+    assert engine.settings()["noise_sigma"] > 0

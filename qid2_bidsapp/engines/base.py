@@ -141,8 +141,13 @@ class UncertaintyRecorder:
         self.maps.append(np.asarray(std, dtype=np.float32))
         return mean
 
+    @property
+    def needs_noise(self) -> bool:
+        """Whether the wrapped engine wants the scan's noise level."""
+        return bool(getattr(self.engine, "needs_noise", False))
+
     def set_acquisition(self, **facts) -> None:
-        """Pass acquisition facts (``n_b0``) to the wrapped engine when it takes them."""
+        """Pass acquisition facts (``n_b0``, ``noise_sigma``) to the wrapped engine."""
         configure = getattr(self.engine, "set_acquisition", None)
         if callable(configure):
             configure(**facts)

@@ -395,6 +395,7 @@ class Qid2Upsampler:
             seed=int(seed),
         )
         self.n_b0 = 1
+        self.noise_sigma: float | None = None
         self._adaptations: list[dict] = []
         self.sampler = Qid2Sampler(self.config) if self.kind == PER_TARGET_KIND else None
         self.seed = int(seed)
@@ -563,6 +564,7 @@ class Qid2Upsampler:
                     float(bval),
                     self.sampler_settings,
                     n_b0=self.n_b0,
+                    noise_sigma=self.noise_sigma,
                     seed=self.seed,
                     slice_axis=self.slice_axis,
                     margin=CROP_MARGIN,
@@ -608,19 +610,28 @@ class Qid2Upsampler:
         self._adaptations.append({"bval": bval, **record})
         return network
 
-    def set_acquisition(self, *, n_b0: int) -> None:
-        """Tell the engine how many b=0 volumes were averaged into the S0 it is given.
+    @property
+    def needs_noise(self) -> bool:
+        """Whether the model is conditioned on the scan's noise level (``set_acquisition``)."""
+        return bool(getattr(self.config, "noise_input", False))
 
-        The SH-field model is conditioned on it (the noise of S/S0); `upsample_shells` calls
+    def set_acquisition(self, *, n_b0: int, noise_sigma: float | None = None) -> None:
+        """Tell the engine facts of the whole scan that one shell's arrays do not carry.
+
+        SH-field models are conditioned on them; `upsample_shells` and the self-check call
         this before predicting.
 
         Parameters
         ----------
         n_b0 : int
-            Number of b=0 volumes (at least 1).
+            Number of b=0 volumes averaged into the S0 given to `predict` (at least 1).
+        noise_sigma : float, optional
+            Noise standard deviation of the scan in signal units (`trust.estimate_noise`).
 
         """
         self.n_b0 = max(1, int(n_b0))
+        if noise_sigma is not None:
+            self.noise_sigma = float(noise_sigma)
 
     def settings(self) -> dict:
         """Return the engine's settings as JSON-serialisable provenance.
@@ -661,6 +672,7 @@ class Qid2Upsampler:
             "crop_margin": CROP_MARGIN,
             "prior": prior,
             "n_b0": self.n_b0,
+            "noise_sigma": self.noise_sigma,
             "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
             "outside_mask": "SH prior (uncertainty 0)",
             "adaptation": {

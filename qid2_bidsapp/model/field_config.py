@@ -29,8 +29,11 @@ DEFAULT_FIELD_SAMPLER = {
 #: Features per slice: order-2 least-squares fit (6), regularised fit (28 at order 6),
 #: relative S0, mask; `FieldConfig.features_per_slice` computes it for other orders.
 _EXTRA_PER_SLICE = 2
-#: Scalar maps of the condition: b/1000, sqrt(6/N), 1/sqrt(number of b=0 volumes).
+#: Scalar maps of the condition: b/1000, sqrt(6/N), 1/sqrt(number of b=0 volumes), and with
+#: ``noise_input`` 10 x (noise sigma / S0_ref).
 N_SCALAR_CHANNELS = 3
+#: Priors: a regularised SH fit (``sh``) or the SH projection of a tensor fit (``dti``).
+PRIORS = ("sh", "dti")
 _TUPLE_FIELDS = ("channels", "order_scales")
 _MAX_NORM_GROUPS = 32
 
@@ -64,6 +67,13 @@ class FieldConfig:
         Noise schedule (MONAI); the network predicts the clean coefficients (``sample``).
     max_timestep : int
         Training draws timesteps in ``0..max_timestep`` (the truncated sampler starts below).
+    prior : {"sh", "dti"}
+        What the network corrects (and the output outside the brain mask): ``sh``, the
+        regularised SH fit; ``dti``, the order-`sh_order` SH projection of the signal of a
+        tensor fitted (WLS) to the acquired shell and the b=0 image: an untrained ``dti`` model
+        reproduces DTI on the acquired directions.
+    noise_input : bool
+        Give the network the scan's noise level (sigma / S0_ref, `trust.estimate_noise`).
     sampler_defaults : dict
         ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples`` and ``t_start``.
     version : str
@@ -84,6 +94,8 @@ class FieldConfig:
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     max_timestep: int = 250
+    prior: str = "sh"
+    noise_input: bool = False
     sampler_defaults: dict = field(
         default_factory=lambda: json.loads(json.dumps(DEFAULT_FIELD_SAMPLER))
     )
@@ -107,13 +119,28 @@ class FieldConfig:
 
     @property
     def features_per_slice(self) -> int:
-        """Condition channels per slice: order-2 fit, regularised fit, relative S0, mask."""
-        return 6 + self.n_coefficients + _EXTRA_PER_SLICE
+        """Condition channels per slice: the prior-side fit, regularised fit, S0, mask.
+
+        ``sh`` prior: order-2 least-squares fit (6) then the regularised fit (the prior);
+        ``dti`` prior: the tensor fit's SH projection (the prior) then the regularised fit.
+        """
+        first = 6 if self.prior == "sh" else self.n_coefficients
+        return first + self.n_coefficients + _EXTRA_PER_SLICE
+
+    @property
+    def prior_offset(self) -> int:
+        """Position of the prior's coefficients among a slice's features."""
+        return 6 if self.prior == "sh" else 0
+
+    @property
+    def n_scalars(self) -> int:
+        """Constant maps of the condition (`N_SCALAR_CHANNELS`, plus one for the noise)."""
+        return N_SCALAR_CHANNELS + int(self.noise_input)
 
     @property
     def condition_channels(self) -> int:
         """Channels of the condition: every slice's features, then the scalar maps."""
-        return (2 * self.context_slices + 1) * self.features_per_slice + N_SCALAR_CHANNELS
+        return (2 * self.context_slices + 1) * self.features_per_slice + self.n_scalars
 
     @property
     def in_channels(self) -> int:
@@ -151,6 +178,8 @@ class FieldConfig:
                 f"order_scales needs one positive scale per even order 0..{self.sh_order}, "
                 f"got {self.order_scales}"
             )
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.context_slices < 0:
             raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
         if not self.channels or any(c < 1 for c in self.channels):

@@ -108,6 +108,7 @@ def make_field_example(
     *,
     crop: int = 64,
     protocol: Protocol | None = None,
+    target: str = "clean",
 ) -> dict:
     """Build one training example: a random acquisition of one slice of a slab.
 
@@ -123,11 +124,16 @@ def make_field_example(
         In-plane size (a multiple of ``config.spatial_multiple``).
     protocol : Protocol, optional
         Acquisition ranges (default `Protocol()`).
+    target : {"clean", "rician-mean"}
+        ``clean``: the noise-free coefficients; ``rician-mean``: those of the expected
+        magnitude ``E[M]`` of the noise-free signal under the example's Rician noise
+        (`rician_mean`), what an acquired volume measures on average: volumes synthesised
+        this way agree with the acquired ones they are merged with, noise floor included.
 
     Returns
     -------
     dict
-        ``condition`` (condition_channels, H, W), ``target`` (C, H, W) model-space clean
+        ``condition`` (condition_channels, H, W), ``target`` (C, H, W) model-space
         coefficients, ``mask`` (H, W) float 0/1, ``bval`` float, and ``meta`` (plain data).
 
     """
@@ -153,14 +159,32 @@ def make_field_example(
     sigma = slab.s0_reference / snr
     noisy = rician(clean, sigma, rng)
     n_b0 = int(rng.integers(protocol.n_b0[0], protocol.n_b0[1] + 1))
-    b0 = np.mean([rician(s0, sigma, rng) for _ in range(n_b0)], axis=0)
+    b0_volumes = np.stack([rician(s0, sigma, rng) for _ in range(n_b0)], axis=-1)
+    b0 = b0_volumes.mean(axis=-1)
 
     s0_ref = float(np.median(slab.s0[slab.mask])) if slab.mask.any() else 1.0
-    features, _ = shell_features(noisy, b0, mask, bvecs, config, s0_ref=s0_ref)
+    features, _ = shell_features(
+        noisy, b0, mask, bvecs, config, s0_ref=s0_ref, bval=slab.bval, n_b0=n_b0
+    )
     centre = int(np.flatnonzero(idx == z)[0]) if context == 0 else context
-    condition = slice_condition(features, centre, context, scalar_values(slab.bval, n_dirs, n_b0))
+    noise_rel = None
+    if config.noise_input:  # estimated from the example as the app estimates it from a scan
+        from ..trust import estimate_noise
+
+        data = np.concatenate([b0_volumes, noisy], axis=-1)
+        table_b = np.r_[np.zeros(n_b0), np.full(n_dirs, slab.bval)]
+        table_g = np.vstack([np.zeros((n_b0, 3)), bvecs])
+        estimated, _ = estimate_noise(data, table_b, table_g, mask if mask.any() else None)
+        noise_rel = estimated / s0_ref
+    scalars = scalar_values(slab.bval, n_dirs, n_b0, noise_rel)
+    condition = slice_condition(features, centre, context, scalars)
     scales = coefficient_scales(config).astype(np.float32)
-    target = np.moveaxis(coefs[:, :, centre] * scales, -1, 0)
+    centre_coefs = coefs[:, :, centre]
+    if target == "rician-mean":
+        centre_coefs = rician_mean_coefficients(centre_coefs, s0[:, :, centre], sigma, config)
+    elif target != "clean":
+        raise ValueError(f"target must be 'clean' or 'rician-mean', got {target!r}")
+    target = np.moveaxis(centre_coefs * scales, -1, 0)
     return {
         "condition": condition,
         "target": np.ascontiguousarray(target, dtype=np.float32),
@@ -175,6 +199,65 @@ def make_field_example(
             "snr": snr,
         },
     }
+
+
+def rician_mean(signal: np.ndarray, sigma: float) -> np.ndarray:
+    """Return the expected magnitude ``E[|S + n1 + i n2|]``, ``n1, n2 ~ N(0, sigma^2)``.
+
+    ``sigma sqrt(pi/2) L_1/2(-S^2 / 2 sigma^2)`` (Laguerre polynomial, through exponentially
+    scaled Bessel functions so that it does not overflow); ``S`` for ``sigma = 0``.
+
+    Parameters
+    ----------
+    signal : ndarray
+        Noise-free magnitude (>= 0).
+    sigma : float
+        Noise standard deviation.
+
+    Returns
+    -------
+    ndarray, float64
+
+    """
+    from scipy.special import i0e, i1e
+
+    signal = np.asarray(signal, dtype=np.float64)
+    if sigma <= 0:
+        return signal
+    x = signal**2 / (2.0 * sigma**2)
+    return sigma * np.sqrt(np.pi / 2.0) * ((1 + x) * i0e(x / 2) + x * i1e(x / 2))
+
+
+def rician_mean_coefficients(
+    coefs: np.ndarray, s0: np.ndarray, sigma: float, config: FieldConfig
+) -> np.ndarray:
+    """SH coefficients of ``E[M]/S0`` for noise-free coefficients of ``S/S0`` (raw, not scaled).
+
+    Parameters
+    ----------
+    coefs : ndarray, shape (..., C)
+        Noise-free coefficients of ``S/S0``.
+    s0 : ndarray, shape (...)
+        Noise-free S0.
+    sigma : float
+        Noise standard deviation (signal units).
+    config : FieldConfig
+        The model configuration (order).
+
+    Returns
+    -------
+    ndarray, shape (..., C), float32
+
+    """
+    from ..shm import sh_fit_matrix
+    from .field_features import _dense_directions
+
+    dense = _dense_directions()
+    basis, _ = sh_basis_matrix(dense, config.sh_order)
+    s0 = np.asarray(s0, dtype=np.float64)[..., None]
+    signal = s0 * np.clip(np.asarray(coefs, dtype=np.float64) @ basis.T, 0.0, None)
+    ratio = np.where(s0 > 0, rician_mean(signal, sigma) / np.maximum(s0, 1e-12), 0.0)
+    return (ratio @ sh_fit_matrix(dense, config.sh_order, 0.0).T).astype(np.float32)
 
 
 def stack_field_examples(examples: list[dict]) -> dict:
@@ -300,6 +383,7 @@ def make_real_example(
     *,
     crop: int = 64,
     min_hidden: int = 3,
+    correct_rician: bool = True,
 ) -> dict:
     """Build a self-supervised example: some acquired directions in, the others as targets.
 
@@ -321,6 +405,10 @@ def make_real_example(
         In-plane size.
     min_hidden : int
         Fewest hidden directions.
+    correct_rician : bool
+        Remove the Rician bias from the measured targets (models trained to predict the
+        noise-free signal); False keeps the measured magnitudes (models trained to predict
+        ``E[M]``, the ``rician-mean`` target).
 
     Returns
     -------
@@ -346,11 +434,20 @@ def make_real_example(
     signal = _take(shell.data[:, :, idx][..., inputs], corner, crop)
     b0 = _take(shell.b0[:, :, idx], corner, crop)
     mask = _take(shell.mask[:, :, idx], corner, crop)
-    features, _ = shell_features(signal, b0, mask, shell.bvecs[inputs], config, s0_ref=shell.s0_ref)
+    s0_ref = shell.s0_ref
+    features, _ = shell_features(
+        signal, b0, mask, shell.bvecs[inputs], config, s0_ref=s0_ref, bval=shell.bval,
+        n_b0=shell.n_b0,
+    )  # fmt: skip
     centre = context
-    condition = slice_condition(features, centre, context, scalar_values(shell.bval, k, shell.n_b0))
+    noise_rel = shell.sigma / s0_ref if config.noise_input else None
+    condition = slice_condition(
+        features, centre, context, scalar_values(shell.bval, k, shell.n_b0, noise_rel)
+    )
     measured = _take(shell.data[:, :, z][..., hidden], corner, crop)
-    corrected = np.sqrt(np.maximum(measured**2 - 2.0 * shell.sigma**2, 0.0))
+    corrected = measured
+    if correct_rician:
+        corrected = np.sqrt(np.maximum(measured**2 - 2.0 * shell.sigma**2, 0.0))
     base = b0[:, :, centre, None]
     ratio = np.where(base > 0, corrected / np.maximum(base, 1e-6), 0.0)
     ratio = np.clip(ratio, 0.0, config.signal_clip)

@@ -23,7 +23,7 @@ import numpy as np
 from dipy.reconst.shm import sph_harm_ind_list
 
 from ..shm import sh_basis_matrix, sh_fit_matrix
-from .field_config import N_SCALAR_CHANNELS, FieldConfig
+from .field_config import FieldConfig
 
 #: S0 below this fraction of S0_ref counts as no signal (S/S0 set to 0).
 RELATIVE_B0_EPS = 1e-3
@@ -139,6 +139,66 @@ def relative_signal(signal: np.ndarray, b0: np.ndarray, s0_ref: float, clip: flo
     return np.clip(np.nan_to_num(ratio, nan=0.0, posinf=0.0, neginf=0.0), 0.0, clip)
 
 
+#: Directions the tensor prior's signal is projected onto SH from (a fixed uniform set).
+PRIOR_DIRECTIONS = 60
+#: Lowest S/S0 taken before the logarithm of the tensor fit.
+LOG_FLOOR = 1e-3
+
+
+def _dense_directions() -> np.ndarray:
+    from ..sim.protocol import uniform_shell
+
+    return uniform_shell(PRIOR_DIRECTIONS, seed=0)
+
+
+def dti_prior(
+    ratio: np.ndarray, bvecs: np.ndarray, bval: float, n_b0: int, config: FieldConfig
+) -> np.ndarray:
+    """SH coefficients (model space) of the signal of a tensor fitted to one shell.
+
+    The tensor and S0 are fitted per voxel (log-linear WLS, as DIPY's ``TensorModel``) to the
+    shell's ``S/S0`` and to the b=0 image (ratio 1, counted `n_b0` times, at most 6); the fitted
+    signal ``S0_fit/S0 · exp(-b gᵀDg)`` on `PRIOR_DIRECTIONS` fixed directions, clipped to
+    ``[0, signal_clip]``, is projected onto the SH basis of order ``config.sh_order``. Merging
+    volumes evaluated from it with the acquired ones and refitting a tensor gives back (up to
+    that projection) the tensor of the acquired directions: DTI on the acquired directions.
+
+    Parameters
+    ----------
+    ratio : ndarray, shape (..., N)
+        ``S/S0`` of the shell (`relative_signal`).
+    bvecs : ndarray, shape (N, 3)
+        Directions (model frame).
+    bval : float
+        The shell's b-value.
+    n_b0 : int
+        b=0 volumes averaged into S0.
+    config : FieldConfig
+        The model configuration.
+
+    Returns
+    -------
+    ndarray, shape (..., C), float32
+
+    """
+    from ..qc import _design_matrix, _wls_tensor
+
+    shape = ratio.shape[:-1]
+    flat = np.asarray(ratio, dtype=np.float64).reshape(-1, ratio.shape[-1])
+    reps = int(np.clip(n_b0, 1, 6))
+    bvals = np.r_[np.zeros(reps), np.full(len(bvecs), float(bval))]
+    g = np.vstack([np.zeros((reps, 3)), np.asarray(bvecs, dtype=np.float64)])
+    design = _design_matrix(bvals, g)
+    log_signal = np.log(np.maximum(np.hstack([np.ones((len(flat), reps)), flat]), LOG_FLOOR))
+    params = _wls_tensor(log_signal, design, np.linalg.pinv(design))
+    dense = _dense_directions()
+    dense_design = _design_matrix(np.full(len(dense), float(bval)), dense)
+    with np.errstate(over="ignore"):
+        fitted = np.exp(np.clip(params @ dense_design.T, -50.0, np.log(config.signal_clip)))
+    fit = sh_fit_matrix(dense, config.sh_order, 0.0) * coefficient_scales(config)[:, None]
+    return (fitted @ fit.T).astype(np.float32).reshape(*shape, -1)
+
+
 def shell_features(
     signal: np.ndarray,
     b0: np.ndarray,
@@ -147,6 +207,8 @@ def shell_features(
     config: FieldConfig,
     *,
     s0_ref: float | None = None,
+    bval: float = 1000.0,
+    n_b0: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-voxel features of one shell and the prior, in model space (slice axis last).
 
@@ -164,13 +226,18 @@ def shell_features(
         The model configuration.
     s0_ref : float, optional
         Reference S0 (default `reference_s0` of `b0` in `mask`).
+    bval : float
+        The shell's b-value (the ``dti`` prior needs it).
+    n_b0 : int
+        b=0 volumes averaged into `b0` (the ``dti`` prior weights the b=0 image by it).
 
     Returns
     -------
     features : ndarray, shape (X, Y, Z, F), float32
-        ``F = config.features_per_slice``: order-2 fit, regularised fit, S0/S0_ref, mask.
+        ``F = config.features_per_slice``: the order-2 fit (``sh`` prior) or the tensor
+        prior (``dti``), the regularised fit, S0/S0_ref, the mask.
     prior : ndarray, shape (X, Y, Z, C), float32
-        The regularised fit (model space): a view of ``features``.
+        The prior's coefficients (model space): a view of ``features``.
 
     """
     signal = np.asarray(signal)
@@ -179,34 +246,47 @@ def shell_features(
         s0_ref = reference_s0(b0, mask)
     order2, regularised = fit_matrices(bvecs, config)
     ratio = relative_signal(signal, b0, s0_ref, config.signal_clip)
-    n2, nc = order2.shape[0], regularised.shape[0]
+    nc = regularised.shape[0]
     features = np.empty((*signal.shape[:3], config.features_per_slice), dtype=np.float32)
-    weights = np.vstack([order2, regularised]).T.astype(np.float32)  # (N, 6 + C)
-    features[..., : n2 + nc] = ratio @ weights
-    features[..., n2 + nc] = np.clip(np.asarray(b0) / s0_ref, 0.0, S0_RELATIVE_CLIP)
-    features[..., n2 + nc + 1] = mask
-    return features, features[..., n2 : n2 + nc]
+    if config.prior == "dti":
+        first = nc
+        features[..., :nc] = dti_prior(ratio, bvecs, bval, n_b0, config)
+        features[..., nc : 2 * nc] = ratio @ regularised.T.astype(np.float32)
+    else:
+        first = order2.shape[0]
+        weights = np.vstack([order2, regularised]).T.astype(np.float32)  # (N, 6 + C)
+        features[..., : first + nc] = ratio @ weights
+    features[..., first + nc] = np.clip(np.asarray(b0) / s0_ref, 0.0, S0_RELATIVE_CLIP)
+    features[..., first + nc + 1] = mask
+    offset = config.prior_offset
+    return features, features[..., offset : offset + nc]
 
 
-def scalar_values(bval: float, n_directions: int, n_b0: int) -> np.ndarray:
-    """Return the constant maps of the condition: b/1000, sqrt(6/N), 1/sqrt(n_b0).
+def scalar_values(
+    bval: float, n_directions: int, n_b0: int, noise_rel: float | None = None
+) -> np.ndarray:
+    """Return the constant maps of the condition.
 
     Parameters
     ----------
     bval : float
-        The shell's b-value.
+        The shell's b-value (map: b/1000).
     n_directions : int
-        Acquired directions of the shell.
+        Acquired directions of the shell (map: sqrt(6/N)).
     n_b0 : int
-        b=0 volumes averaged into S0.
+        b=0 volumes averaged into S0 (map: 1/sqrt(n_b0)).
+    noise_rel : float, optional
+        Noise sigma / S0_ref, for models with ``noise_input`` (map: 10 x noise_rel).
 
     Returns
     -------
-    ndarray, shape (N_SCALAR_CHANNELS,), float32
+    ndarray, shape (N_SCALAR_CHANNELS,) or (N_SCALAR_CHANNELS + 1,), float32
 
     """
     values = [float(bval) / 1000.0, np.sqrt(6.0 / max(1, n_directions)), 1 / np.sqrt(max(1, n_b0))]
-    return np.asarray(values[:N_SCALAR_CHANNELS], dtype=np.float32)
+    if noise_rel is not None:
+        values.append(10.0 * float(noise_rel) if np.isfinite(noise_rel) else 0.0)
+    return np.asarray(values, dtype=np.float32)
 
 
 def context_indices(z: int, n_slices: int, context: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from torch import nn
 from .field_config import FieldConfig
 from .field_features import (
     evaluation_matrix,
+    reference_s0,
     scalar_values,
     shell_features,
     slice_condition,
@@ -155,6 +156,7 @@ def synthesise_shell_field(
     settings: SamplerSettings,
     *,
     n_b0: int = 1,
+    noise_sigma: float | None = None,
     seed: int = 0,
     slice_axis: int = 2,
     margin: int = 4,
@@ -183,6 +185,9 @@ def synthesise_shell_field(
         Sampler settings.
     n_b0 : int
         b=0 volumes averaged into `b0` (a condition of the model).
+    noise_sigma : float, optional
+        Noise standard deviation of the scan, in signal units (`trust.estimate_noise`), for
+        models with ``noise_input`` (required by them).
     seed : int
         Seed of the run.
     slice_axis : int
@@ -217,7 +222,10 @@ def synthesise_shell_field(
     std = np.zeros_like(mean)
     mean_v, std_v = np.moveaxis(mean, slice_axis, 2), np.moveaxis(std, slice_axis, 2)
     evaluate = evaluation_matrix(bvecs_out, config).astype(np.float32)  # (M, C)
-    features, prior = shell_features(sig, s0, inside, bvecs_in, config)
+    s0_ref = reference_s0(s0, inside)
+    features, prior = shell_features(
+        sig, s0, inside, bvecs_in, config, s0_ref=s0_ref, bval=bval, n_b0=n_b0
+    )
     for s in range(sig.shape[2]):  # the prior everywhere; the network overwrites the mask
         mean_v[:, :, s] = np.clip(prior[:, :, s] @ evaluate.T, 0, None) * s0[:, :, s, None]
     grid = SliceGrid.from_mask(inside, margin)
@@ -225,7 +233,12 @@ def synthesise_shell_field(
         return mean, std, int(batch_size or 1)
     (r0, r1), (c0, c1) = grid.rows, grid.cols
     crop = features[r0:r1, c0:c1]
-    scalars = scalar_values(bval, len(bvecs_in), n_b0)
+    noise_rel = None
+    if config.noise_input:
+        if noise_sigma is None:
+            raise ValueError("this model needs the scan's noise level (noise_sigma)")
+        noise_rel = float(noise_sigma) / s0_ref
+    scalars = scalar_values(bval, len(bvecs_in), n_b0, noise_rel)
     shell_key = int(round(float(bval)))
     evaluate_t = torch.from_numpy(evaluate).to(device)
 

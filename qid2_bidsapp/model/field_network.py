@@ -59,7 +59,7 @@ class ShFieldNetwork(nn.Module):
             norm_num_groups=config.norm_num_groups,
         )
         per_slice = config.features_per_slice
-        start = config.context_slices * per_slice + 6  # centre slice, after its order-2 fit
+        start = config.context_slices * per_slice + config.prior_offset  # the centre slice's
         self.prior_channels = slice(start, start + config.n_coefficients)
         set_fused_attention(self, fused_attention)
 

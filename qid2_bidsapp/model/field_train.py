@@ -96,6 +96,9 @@ class FieldTrainConfig:
         ``"sh-field"``: tells ``qid2-train`` that this is an SH-field configuration.
     name : str
         Name of the model folder ``qid2-train --export`` writes into ``output``.
+    target : {"clean", "rician-mean"}
+        Simulated targets (`field_data.make_field_example`); with ``rician-mean`` the real
+        scans' measured magnitudes are the targets as they are, otherwise Rician-corrected.
 
     """
 
@@ -131,6 +134,7 @@ class FieldTrainConfig:
     init_weights: str | None = None
     kind: str = "sh-field"
     name: str = "qid2-field"
+    target: str = "clean"
 
     @classmethod
     def from_file(cls, path: str | Path) -> FieldTrainConfig:
@@ -329,7 +333,7 @@ class FieldTrainer:
         examples = [
             make_field_example(
                 slabs[i % len(slabs)], rng, self.model_config, crop=self.config.crop,
-                protocol=self.protocol,
+                protocol=self.protocol, target=self.config.target,
             )
             for i in range(self.config.n_val_examples)
         ]  # fmt: skip
@@ -370,7 +374,8 @@ class FieldTrainer:
         rng = np.random.default_rng([self.config.val_seed, 54321])
         examples = [
             make_real_example(self.real[i % len(self.real)], rng, self.model_config,
-                              crop=self.config.crop)
+                              crop=self.config.crop,
+                              correct_rician=self.config.target == "clean")
             for i in range(min(32, self.config.n_val_examples))
         ]  # fmt: skip
         return stack_real_examples(examples)
@@ -381,7 +386,7 @@ class FieldTrainer:
         examples = [
             make_real_example(
                 self.real[int(self.rng.integers(len(self.real)))], self.rng, self.model_config,
-                crop=self.config.crop,
+                crop=self.config.crop, correct_rician=self.config.target == "clean",
             )
             for _ in range(size)
         ]  # fmt: skip
@@ -392,7 +397,7 @@ class FieldTrainer:
         examples = [
             make_field_example(
                 slabs[int(self.rng.integers(len(slabs)))], self.rng, self.model_config,
-                crop=self.config.crop, protocol=self.protocol,
+                crop=self.config.crop, protocol=self.protocol, target=self.config.target,
             )
             for _ in range(self.config.batch_size if size is None else size)
         ]  # fmt: skip
@@ -473,11 +478,14 @@ class FieldTrainer:
         prior = condition[:, self.network.prior_channels]
         _, net = self.loss(pred, target, mask, bval)
         _, pri = self.loss(prior, target, mask, bval)
-        centre = self.model_config.context_slices * self.model_config.features_per_slice
-        fit2 = torch.zeros_like(target)
-        fit2[:, :6] = condition[:, centre : centre + 6]
         fa = self.loss.fa
-        fit2_fa = masked_mean((fa(fit2, bval) - fa(target, bval)).abs(), mask).item()
+        if self.model_config.prior == "sh":  # the order-2 fit stands in for DTI
+            centre = self.model_config.context_slices * self.model_config.features_per_slice
+            fit2 = torch.zeros_like(target)
+            fit2[:, :6] = condition[:, centre : centre + 6]
+            fit2_fa = masked_mean((fa(fit2, bval) - fa(target, bval)).abs(), mask).item()
+        else:  # the prior is the tensor fit itself
+            fit2_fa = pri["fa_mae"]
         out = {f"net_{k}": v for k, v in net.items()}
         out.update({f"prior_{k}": v for k, v in pri.items()})
         out["fit2_fa_mae"] = fit2_fa
@@ -699,6 +707,7 @@ def training_record(output: str | Path) -> dict[str, Any]:
         },
         "loss": {
             "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|",
+            "simulated_target": config.get("target", "clean"),
             "signal_weight": config["signal_weight"],
             "fa_weight": config["fa_weight"],
             "target": "noise-free coefficients",
