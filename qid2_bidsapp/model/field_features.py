@@ -143,6 +143,8 @@ def relative_signal(signal: np.ndarray, b0: np.ndarray, s0_ref: float, clip: flo
 PRIOR_DIRECTIONS = 60
 #: Lowest S/S0 taken before the logarithm of the tensor fit.
 LOG_FLOOR = 1e-3
+#: Voxels fitted at once by `dti_prior` (bounds its memory).
+PRIOR_CHUNK = 65536
 
 
 def _dense_directions() -> np.ndarray:
@@ -184,19 +186,24 @@ def dti_prior(
     from ..qc import _design_matrix, _wls_tensor
 
     shape = ratio.shape[:-1]
-    flat = np.asarray(ratio, dtype=np.float64).reshape(-1, ratio.shape[-1])
+    flat = np.asarray(ratio).reshape(-1, ratio.shape[-1])
     reps = int(np.clip(n_b0, 1, 6))
     bvals = np.r_[np.zeros(reps), np.full(len(bvecs), float(bval))]
     g = np.vstack([np.zeros((reps, 3)), np.asarray(bvecs, dtype=np.float64)])
     design = _design_matrix(bvals, g)
-    log_signal = np.log(np.maximum(np.hstack([np.ones((len(flat), reps)), flat]), LOG_FLOOR))
-    params = _wls_tensor(log_signal, design, np.linalg.pinv(design))
+    pinv = np.linalg.pinv(design)
     dense = _dense_directions()
     dense_design = _design_matrix(np.full(len(dense), float(bval)), dense)
-    with np.errstate(over="ignore"):
-        fitted = np.exp(np.clip(params @ dense_design.T, -50.0, np.log(config.signal_clip)))
     fit = sh_fit_matrix(dense, config.sh_order, 0.0) * coefficient_scales(config)[:, None]
-    return (fitted @ fit.T).astype(np.float32).reshape(*shape, -1)
+    out = np.empty((len(flat), fit.shape[0]), dtype=np.float32)
+    for start in range(0, len(flat), PRIOR_CHUNK):  # bounded memory on big volumes
+        part = flat[start : start + PRIOR_CHUNK].astype(np.float64)
+        log_signal = np.log(np.maximum(np.hstack([np.ones((len(part), reps)), part]), LOG_FLOOR))
+        params = _wls_tensor(log_signal, design, pinv)
+        with np.errstate(over="ignore"):
+            fitted = np.exp(np.clip(params @ dense_design.T, -50.0, np.log(config.signal_clip)))
+        out[start : start + PRIOR_CHUNK] = fitted @ fit.T
+    return out.reshape(*shape, -1)
 
 
 def shell_features(
