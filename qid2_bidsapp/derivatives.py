@@ -395,8 +395,8 @@ def publish(
                 dst = Path(dst)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dst.with_name(f".{dst.name}.{token}.tmp")
+                staged.append((tmp, dst))  # before copying: a copy that fails half-way counts
                 shutil.copyfile(src, tmp)
-                staged.append((tmp, dst))
         except BaseException:
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)

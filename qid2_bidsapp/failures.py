@@ -133,3 +133,34 @@ def explain_failed_steps(crash_files: Iterable[Path]) -> str | None:
             if match:
                 return sentence.format(*match.groups()) + "; fix it and rerun with the same -w"
     return None
+
+
+#: Below this many free bytes a disk counts as full when steps failed without a crash file.
+FULL_DISK_BYTES = 2**20
+
+
+def full_disk(folders: Iterable[Path]) -> Path | None:
+    """Return the first folder whose disk is (nearly) full, or None.
+
+    Used when steps failed and Nipype could not write their crash files: a full output or
+    work disk is then the likely cause, and the message says so instead of pointing at crash
+    reports that do not exist.
+
+    Parameters
+    ----------
+    folders : iterable of Path
+        The folders the run writes to (need not exist).
+
+    Returns
+    -------
+    Path or None
+
+    """
+    for folder in folders:
+        try:
+            free = shutil.disk_usage(_existing_parent(Path(folder))).free
+        except OSError:
+            continue
+        if free < FULL_DISK_BYTES:
+            return Path(folder)
+    return None

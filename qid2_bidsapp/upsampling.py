@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,7 +228,9 @@ def brain_mask(b0: np.ndarray) -> np.ndarray:
     """
     from dipy.segment.mask import median_otsu
 
-    _, mask = median_otsu(b0, median_radius=2, numpass=1)
+    with warnings.catch_warnings():  # skimage's "looks like an RGB image" on 3-4 slice volumes
+        warnings.filterwarnings("ignore", "threshold_otsu is expected", UserWarning)
+        _, mask = median_otsu(b0, median_radius=2, numpass=1)
     if not mask.any():  # tiny or unusual images: fall back to a threshold
         mask = b0 > 0.1 * np.percentile(b0[b0 > 0], 98) if (b0 > 0).any() else b0 >= 0
     return mask

@@ -508,6 +508,69 @@ def test_full_disk_is_refused_in_preflight(example_bids_ro, tmp_path, small_tmpf
     assert list(small_tmpfs.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def mid_tmpfs(tmp_path):
+    """A 256 MB tmpfs (needs root and mount): room to pass preflight, filled during the run."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)  # fmt: skip
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    """Write zeros into FOLDER until its disk is full."""
+    with open(folder / "filler.bin", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 2**20)
+                handle.flush()
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["output", "work"])
+def test_disk_filling_up_during_a_run_ends_in_one_line(example_bids_ro, tmp_path, mid_tmpfs, which):
+    """The disk passes preflight, then fills while steps run: one line, no hang, no .tmp."""
+    import time
+
+    out = mid_tmpfs / "out" if which == "output" else tmp_path / "out"
+    work = tmp_path / "work" if which == "output" else mid_tmpfs / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qid2_bidsapp.cli.run", str(example_bids_ro), str(out),
+         "participant", "--engine", "sh", "--skip-bids-validation", "--nprocs", "2",
+         "-w", str(work)],
+        stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the first workflow step has started
+        if (work / "qid2_wf").is_dir() or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its workflow started"
+    _fill(mid_tmpfs)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the run hung after its {which} disk filled up")
+    assert proc.returncode != 0, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("qid2: ")]
+    assert len(lines) == 1, err
+    assert "no space left" in lines[0].lower() or "not enough free space" in lines[0], err
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp"))
+    assert not list(out.rglob("*_dwi.nii.gz")), "a DWI was published from a failed run"
+
+
 def test_crash_files_of_data_and_disk_problems_become_one_sentence(tmp_path):
     from qid2_bidsapp.failures import explain_failed_steps
 

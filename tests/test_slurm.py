@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -247,6 +248,36 @@ def _stop_slurm(root: Path, env: dict) -> None:
                 pass
 
 
+def _free_ports(count: int) -> list[int]:
+    """Ports the kernel hands out as free now (bound together, so all distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _private_slurm_scripts(folder: Path) -> Path:
+    """Copy ../shared/tools/slurm with this cluster's own controller and node ports.
+
+    The shared template fixes ports 16817/16818, so two test sessions on one host (or a SLURM
+    already running there) would talk to each other's daemons; the state, spool and log
+    folders are per cluster already (under the folder given to the script).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ctld, slurmd = _free_ports(2)
+    template = (START_SLURM.parent / "slurm.conf.template").read_text()
+    template = re.sub(r"(?m)^SlurmctldPort=\d+", f"SlurmctldPort={ctld}", template)
+    template = re.sub(r"(?m)^SlurmdPort=\d+", f"SlurmdPort={slurmd}", template)
+    (folder / "slurm.conf.template").write_text(template)
+    start = folder / START_SLURM.name
+    start.write_text(START_SLURM.read_text())
+    return start
+
+
 @pytest.fixture(scope="module")
 def local_slurm(tmp_path_factory):
     """A single-node SLURM on loopback (../shared/tools/slurm); stopped after the module."""
@@ -254,9 +285,10 @@ def local_slurm(tmp_path_factory):
         pytest.skip(f"{START_SLURM} not present (needs ../shared/tools)")
     root = tmp_path_factory.mktemp("slurm")
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+    start = _private_slurm_scripts(root / "tools")
     try:
         proc = subprocess.run(
-            ["bash", str(START_SLURM), str(root)],
+            ["bash", str(start), str(root)],
             capture_output=True,
             text=True,
             timeout=900,

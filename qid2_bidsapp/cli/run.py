@@ -75,6 +75,25 @@ def _nipype_logging(verbose: int) -> dict:
     return {"workflow_level": level, "interface_level": level, "utils_level": level}
 
 
+class _FirstLineFormatter(logging.Formatter):
+    """Nipype's records on the terminal: time, logger and the message's first line only.
+
+    Nipype logs a failed step with its whole traceback (after "Saving crash info to ...");
+    the traceback stays in the crash file and the log file, the terminal gets one line.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        lines = record.getMessage().strip().splitlines()
+        first = lines[0].strip() if lines else ""
+        return f"{self.formatTime(record, '%H:%M:%S')} [{record.name}] {first}"
+
+
+def _one_line_nipype_terminal() -> None:
+    for handler in logging.getLogger("nipype").handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(_FirstLineFormatter())
+
+
 def _add_log_file(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s [%(name)s] %(levelname)s %(message)s"))
@@ -274,6 +293,7 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
 
     from ..derivatives import write_dataset_description
     from ..engines.qid2 import qid2_uses_cuda
+    from ..failures import explain_failed_steps, full_disk
     from ..hpc_plugin import plugin_run_args, prepare_environment
     from ..reports.subject import build_subject_report
     from ..workflows.base import init_qid2_wf, set_slurm_node_args
@@ -312,6 +332,7 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
     from nipype import logging as nipype_logging
 
     nipype_logging.update_logging(nipype_config)
+    _one_line_nipype_terminal()
     workflow = init_qid2_wf(config=config, runs=runs, log_path=str(log_path))
     if config.write_graph:
         _write_graph(workflow, logs)
@@ -337,16 +358,31 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
 
     if not getattr(multiproc.process_initializer, "qid2_wrapped", False):
         multiproc.process_initializer = _quiet_worker_initializer(multiproc.process_initializer)
+    if not hasattr(multiproc, "_qid2_original_run_node"):
+        multiproc._qid2_original_run_node = multiproc.run_node
+        multiproc.run_node = _run_node_never_raising
     start = time.perf_counter()
     wall_start = time.time()
     try:
         workflow.run(plugin=plugin.name, plugin_args=plugin_args)
+    except OSError as exc:  # Nipype's own writes (results, crash files) failed: disk, quota
+        bar.close()
+        where = exc.filename or full_disk([config.output_dir, config.work_dir]) or config.work_dir
+        raise Qid2Error(
+            f"{where}: {exc.strerror or exc}; free some space (or fix the folder) and rerun with "
+            "the same -w (runs that finished are complete in the output folder)"
+        ) from None
     except RuntimeError as exc:
         bar.close()
-        from ..failures import explain_failed_steps
 
         crashes = [p for p in crash_dir.glob("crash-*") if p.stat().st_mtime >= wall_start - 1]
         cause = explain_failed_steps(sorted(crashes))
+        disk = full_disk([config.output_dir, config.work_dir])
+        if disk is not None:  # the likeliest cause, and the crash file may not say where
+            raise Qid2Error(
+                f"{disk}: no space left on the device; free some space and rerun with the same "
+                "-w (runs that finished are complete in the output folder)"
+            ) from None
         if cause:
             raise Qid2Error(f"{cause} (details: {crash_dir}, log: {log_path})") from None
         what = f"{len(failed)} step(s) failed: {', '.join(failed[:3])}" if failed else str(exc)
@@ -354,6 +390,22 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
         raise Qid2Error(
             f"{what}{more}; crash reports in {crash_dir} (log: {log_path}); runs that finished "
             "are complete in the output folder, rerun with the same -w to resume"
+        ) from None
+    except (KeyboardInterrupt, Qid2Error):
+        bar.close()
+        raise
+    except Exception as exc:  # a failure of Nipype itself (not of a step): one line, trace in log
+        bar.close()
+        LOGGER.debug("the workflow engine failed", exc_info=True)
+        disk = full_disk([config.output_dir, config.work_dir])
+        if disk is not None:
+            raise Qid2Error(
+                f"{disk}: no space left on the device; free some space and rerun with the same "
+                "-w (runs that finished are complete in the output folder)"
+            ) from None
+        raise Qid2Error(
+            f"the workflow engine (Nipype) failed: {type(exc).__name__}: {exc} (traceback in the "
+            f"log: {log_path}); rerun with the same -w to resume"
         ) from None
     bar.close()
     if plugin.submits_and_returns:
@@ -435,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
 
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # a log file on a full or vanished disk must not print "--- Logging error ---" tracebacks
+    logging.raiseExceptions = False
     try:
         config, plugin_request = _parse_args(argv)
         _setup_logging(config.verbose)
@@ -492,6 +546,27 @@ def _quiet_worker_initializer(original):
 
     initializer.qid2_wrapped = True
     return initializer
+
+
+def _run_node_never_raising(node, updatehash, taskid):
+    """Nipype MultiProc's ``run_node``, returning a failure instead of raising.
+
+    When a step fails and its result file cannot be written (a full work disk), Nipype's
+    ``run_node`` raises from its own error handler; the pool's callback then never marks the
+    task done and the run waits forever. Here that case becomes an ordinary failed step (with
+    its traceback, for the crash file), so the run ends with one line.
+    """
+    import traceback
+
+    from nipype.pipeline.plugins import multiproc
+
+    nipype_run_node = getattr(multiproc, "_qid2_original_run_node", multiproc.run_node)
+    try:
+        return nipype_run_node(node, updatehash, taskid)
+    except BaseException:
+        # a list of lines, as Nipype's own run_node gives (its report_crash appends to it)
+        lines = traceback.format_exc().splitlines(True)
+        return {"result": None, "traceback": lines, "taskid": taskid}
 
 
 if __name__ == "__main__":
