@@ -6,7 +6,7 @@ result: non-finite voxels, an all-zero image, constant volumes. `usable_shells` 
 with fewer than `MIN_SHELL_DIRECTIONS` distinct directions (antipodally, `DUPLICATE_DEG`
 apart): such a shell cannot be fitted, so it is left as acquired, with a warning.
 
-Decisions (docs/usage.md): non-finite values are refused rather than silently masked, because
+Decisions (docs/outputs.md, "Bad input"): non-finite values are refused rather than masked, because
 they usually mean a broken conversion upstream; the message says how many voxels and which
 volumes, and how to replace them.
 """
