@@ -256,6 +256,7 @@ def _progress_callback(total: int):
     done = [0]
 
     def callback(node, status):
+        _check_terminated()
         name = node.fullname.removeprefix("qid2_wf.")
         if status == "start":
             started[name] = time.perf_counter()
@@ -408,6 +409,7 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
             f"log: {log_path}); rerun with the same -w to resume"
         ) from None
     bar.close()
+    _check_terminated()
     if plugin.submits_and_returns:
         print(
             f"qid2: submitted the workflow as SLURM jobs ({plugin.name}, scripts in "
@@ -487,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _TERM_REQUESTED[0] = False
     # a log file on a full or vanished disk must not print "--- Logging error ---" tracebacks
     logging.raiseExceptions = False
     try:
@@ -517,8 +520,20 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so that the run stops like on Ctrl-C."""
 
 
+#: Set by the SIGTERM handler: an exception raised from a signal handler can be swallowed
+#: (it may land inside code whose exceptions Python ignores, e.g. a logging lock release), so
+#: the progress callback and the end of the run check this flag too.
+_TERM_REQUESTED = [False]
+
+
 def _raise_terminated(signum, frame) -> None:
+    _TERM_REQUESTED[0] = True
     raise _Terminated()
+
+
+def _check_terminated() -> None:
+    if _TERM_REQUESTED[0]:
+        raise _Terminated()
 
 
 def _stop_workers() -> None:
