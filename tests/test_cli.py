@@ -476,21 +476,25 @@ def test_signals_stop_every_worker_with_one_line(example_bids_ro, tmp_path, sign
     assert not [p for p in out.rglob("*.tmp")]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 5 MB tmpfs (needs root and mount): a nearly full disk."""
+def _mounted_tmpfs(mount: Path, size: str):
+    """Mount a tmpfs of SIZE on MOUNT (needs root and mount; skips otherwise); unmount after."""
     import os
 
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a tmpfs")
-    mount = tmp_path / "small-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                           capture_output=True, check=False)  # fmt: skip
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 5 MB tmpfs: a nearly full disk."""
+    yield from _mounted_tmpfs(tmp_path / "small-disk", "5m")
 
 
 @pytest.mark.parametrize("which", ["output", "work"])
@@ -510,19 +514,8 @@ def test_full_disk_is_refused_in_preflight(example_bids_ro, tmp_path, small_tmpf
 
 @pytest.fixture
 def mid_tmpfs(tmp_path):
-    """A 256 MB tmpfs (needs root and mount): room to pass preflight, filled during the run."""
-    import os
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)  # fmt: skip
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    """A 256 MB tmpfs: room to pass preflight, filled during the run."""
+    yield from _mounted_tmpfs(tmp_path / "disk", "256m")
 
 
 def _fill(folder: Path) -> None:

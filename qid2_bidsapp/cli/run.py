@@ -380,10 +380,7 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
         cause = explain_failed_steps(sorted(crashes))
         disk = full_disk([config.output_dir, config.work_dir])
         if disk is not None:  # the likeliest cause, and the crash file may not say where
-            raise Qid2Error(
-                f"{disk}: no space left on the device; free some space and rerun with the same "
-                "-w (runs that finished are complete in the output folder)"
-            ) from None
+            raise _disk_full(disk) from None
         if cause:
             raise Qid2Error(f"{cause} (details: {crash_dir}, log: {log_path})") from None
         what = f"{len(failed)} step(s) failed: {', '.join(failed[:3])}" if failed else str(exc)
@@ -400,10 +397,7 @@ def run_participant(config: Config, plugin: PluginSettings | None = None) -> int
         LOGGER.debug("the workflow engine failed", exc_info=True)
         disk = full_disk([config.output_dir, config.work_dir])
         if disk is not None:
-            raise Qid2Error(
-                f"{disk}: no space left on the device; free some space and rerun with the same "
-                "-w (runs that finished are complete in the output folder)"
-            ) from None
+            raise _disk_full(disk) from None
         raise Qid2Error(
             f"the workflow engine (Nipype) failed: {type(exc).__name__}: {exc} (traceback in the "
             f"log: {log_path}); rerun with the same -w to resume"
@@ -514,6 +508,13 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _disk_full(disk: Path) -> Qid2Error:
+    return Qid2Error(
+        f"{disk}: no space left on the device; free some space and rerun with the same -w "
+        "(runs that finished are complete in the output folder)"
+    )
 
 
 class _Terminated(KeyboardInterrupt):
