@@ -15,7 +15,11 @@ uses slabs of another series (``val_seed``), made in ``<output>/val_slabs`` on f
 Loss (inside the brain mask), all on noise-free targets:
 ``coef_mse`` (model-space coefficients) + ``signal_weight * 1000 * signal_mse`` (the
 coefficients' signal error: the basis is orthonormal) + ``fa_weight * |FA - FA_true|``
-(`field_network.TensorFA`; keeps the prediction from shrinking anisotropy).
+(`field_network.TensorFA`; keeps the prediction from shrinking anisotropy)
++ ``fa_bias_weight * mean_b |mean_mask(FA - FA_true)|`` (the signed FA error of each example
+averaged over its brain voxels: a prior learnt on many brains pulls every FA of a brain
+towards the population's; this term asks the network to read the brain's anisotropy level
+from the crop's own data instead).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class FieldTrainConfig:
     prior_start_fraction : float
         Share of training inputs ``x_t`` noised from the prior rather than from the truth
         (the truncated sampler starts from the noised prior).
-    signal_weight, fa_weight : float
+    signal_weight, fa_weight, fa_bias_weight : float
         Loss weights (see the module docstring).
     max_slabs : int
         Largest number of slabs held in memory.
@@ -117,6 +121,7 @@ class FieldTrainConfig:
     prior_start_fraction: float = 0.5
     signal_weight: float = 1.0
     fa_weight: float = 4.0
+    fa_bias_weight: float = 0.0
     max_slabs: int = 4000
     val_seed: int = 1
     n_val_slabs: int = 16
@@ -185,21 +190,28 @@ class FieldLoss(torch.nn.Module):
     ----------
     config : FieldConfig
         The model configuration.
-    signal_weight, fa_weight : float
-        Weights of the signal and FA terms.
+    signal_weight, fa_weight, fa_bias_weight : float
+        Weights of the signal, FA and per-example FA-bias terms.
 
     """
 
-    def __init__(self, config: FieldConfig, signal_weight: float, fa_weight: float):
+    def __init__(
+        self,
+        config: FieldConfig,
+        signal_weight: float,
+        fa_weight: float,
+        fa_bias_weight: float = 0.0,
+    ):
         super().__init__()
         scales = torch.as_tensor(coefficient_scales(config), dtype=torch.float32)
         self.register_buffer("inverse_scales", (1.0 / scales)[None, :, None, None])
         self.fa = TensorFA(config)
         self.signal_weight = float(signal_weight)
         self.fa_weight = float(fa_weight)
+        self.fa_bias_weight = float(fa_bias_weight)
 
     def forward(self, pred, target, mask, bval) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the loss and its parts (``coef_mse``, ``signal_mse``, ``fa_mae``).
+        """Return the loss and its parts (``coef_mse``, ``signal_mse``, ``fa_mae``, ``fa_bias``).
 
         Parameters
         ----------
@@ -219,9 +231,20 @@ class FieldLoss(torch.nn.Module):
         diff = pred - target
         coef = masked_mean(diff.square(), mask)
         signal = masked_mean((diff * self.inverse_scales).square(), mask)
-        fa = masked_mean((self.fa(pred, bval) - self.fa(target, bval)).abs(), mask)
+        fa_error = self.fa(pred, bval) - self.fa(target, bval)
+        fa = masked_mean(fa_error.abs(), mask)
+        weights = mask.to(fa_error.dtype)
+        per_example = (fa_error * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
+        fa_bias = per_example.abs().mean()
         loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
-        parts = {"coef_mse": coef.item(), "signal_mse": signal.item(), "fa_mae": fa.item()}
+        if self.fa_bias_weight:
+            loss = loss + self.fa_bias_weight * fa_bias
+        parts = {
+            "coef_mse": coef.item(),
+            "signal_mse": signal.item(),
+            "fa_mae": fa.item(),
+            "fa_bias": fa_bias.item(),
+        }
         return loss, parts
 
 
@@ -304,7 +327,9 @@ class FieldTrainer:
         self.model_config = FieldConfig(**config.model)
         self.protocol = Protocol(**config.protocol)
         self.network = ShFieldNetwork(self.model_config)
-        self.loss = FieldLoss(self.model_config, config.signal_weight, config.fa_weight)
+        self.loss = FieldLoss(
+            self.model_config, config.signal_weight, config.fa_weight, config.fa_bias_weight
+        )
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -706,11 +731,21 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "crop": config["crop"],
         },
         "loss": {
-            "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|",
+            "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|"
+            + (
+                " + fa_bias_weight * mean_b |mean_mask(FA - FA_true)|"
+                if config.get("fa_bias_weight")
+                else ""
+            ),
             "simulated_target": config.get("target", "clean"),
             "signal_weight": config["signal_weight"],
             "fa_weight": config["fa_weight"],
-            "target": "noise-free coefficients",
+            "fa_bias_weight": config.get("fa_bias_weight", 0.0),
+            "target": (
+                "noise-free coefficients"
+                if config.get("target", "clean") == "clean"
+                else "coefficients of the expected Rician magnitude of the noise-free signal"
+            ),
             "prior_start_fraction": config["prior_start_fraction"],
         },
         "final_validation": validations[-1] if validations else None,
