@@ -203,12 +203,13 @@ def test_engine_output_does_not_depend_on_input_order(shell, random_field_model)
 
 
 def test_small_field_of_view_runs_on_a_mirrored_training_size_window(shell, random_field_model):
-    # a slice smaller than the training crop runs on a 64 x 64 window, the image mirrored
-    # around it: the same as cutting the slice out of that mirrored image
+    # a crop shorter than half the training crop runs on a 64-voxel window centred on the
+    # brain (the image mirrored around it); a longer one on the crop itself
     from qid2_bidsapp.model.field_inference import MIN_NETWORK_SIZE, network_window
 
     assert network_window(3, 13, 0, 18) == (8 - MIN_NETWORK_SIZE // 2, 8 + MIN_NETWORK_SIZE // 2)
     assert network_window(10, 90, 6, 94) == (6, 94)
+    assert network_window(4, 40, 0, 44) == (0, 44)
     signal, b0, brain, bvecs = shell
     targets = hemisphere_directions(4, seed=7)
     engine = _engine(random_field_model, n_samples=1)
