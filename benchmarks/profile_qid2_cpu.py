@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", nargs="+", default=["baseline", "fused", "new", "new-b4", "new-b16"]
     )
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "qid2-default")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "qid2-per-target")
     parser.add_argument("--bids", type=Path, default=REPO.parent / "shared" / "data" / "bids-real")
     parser.add_argument("--profile", action="store_true", help="also print operator profiles")
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
