@@ -220,7 +220,7 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         metavar="N",
         help="DDIM steps per sample (network evaluations); default: the model's setting for "
-        "the device (shipped model: 10 on a GPU, 3 on the CPU)",
+        "the device (shipped model: 4 on a GPU, 2 on the CPU)",
     )
     model.add_argument(
         "--sampler-t-start",
