@@ -106,6 +106,22 @@ def test_usage_docs_are_generated_from_parser():
     )
 
 
+def test_sampler_help_quotes_the_shipped_models_defaults():
+    """The --sampler-steps / --n-samples help names the shipped model's sampler_defaults."""
+    import json
+
+    config = REPO / "models" / "qid2-default" / "config.json"
+    if not config.is_file():
+        pytest.skip(f"{config} is absent (no shipped model in this checkout)")
+    defaults = json.loads(config.read_text())["model"]["sampler_defaults"]
+    actions = {a.dest: a.help for a in _build_parser()._actions}
+    for dest, key in (("sampler_steps", "n_steps"), ("n_samples", "n_samples")):
+        expected = (
+            f"(shipped model: {defaults['cuda'][key]} on a GPU, {defaults['cpu'][key]} on the CPU)"
+        )
+        assert expected in actions[dest], (dest, actions[dest])
+
+
 def run_cli(capsys, *args) -> tuple[int, str]:
     status = main([str(a) for a in args])
     return status, capsys.readouterr().err
