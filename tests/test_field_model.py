@@ -439,3 +439,112 @@ def test_untrained_tensor_prior_model_reproduces_dti_on_the_acquired_directions(
     fa_acquired = fit_dti(data, bvals, bvecs, brain).fa
     assert np.abs(fa_merged - fa_acquired)[brain].mean() < 0.005
     assert engine.settings()["noise_sigma"] > 0
+
+
+# ----------------------------------------------------------------------------- summary input
+
+
+def test_window_summary_is_invariant_to_direction_order_and_tracks_anisotropy(shell):
+    from qid2_bidsapp.model.field_features import SUMMARY_QUANTILES, window_summary
+
+    signal, b0, brain, bvecs = shell
+    cfg = FieldConfig.tiny(prior="dti", summary_input=True)
+    order = np.random.default_rng(2).permutation(len(bvecs))
+    feats, _ = shell_features(signal, b0, brain, bvecs, cfg)
+    shuffled, _ = shell_features(signal[..., order], b0, brain, -bvecs[order], cfg)
+    idx = context_indices(2, SHAPE[2], 1)
+    a = window_summary(feats, idx, cfg)
+    assert a.shape == (len(SUMMARY_QUANTILES),) and np.all(np.diff(a) >= 0) and a[-1] > 0
+    np.testing.assert_allclose(a, window_summary(shuffled, idx, cfg), atol=1e-4)
+    # an isotropic signal (every direction equal to the mean) has no anisotropy
+    flat = np.repeat(signal.mean(axis=-1, keepdims=True), len(bvecs), axis=-1)
+    iso, _ = shell_features(flat, b0, brain, bvecs, cfg)
+    np.testing.assert_allclose(window_summary(iso, idx, cfg), 0.0, atol=1e-3)
+    empty = feats.copy()
+    empty[..., cfg.features_per_slice - 1] = 0  # no brain voxel in the window
+    np.testing.assert_array_equal(window_summary(empty, idx, cfg), 0.0)
+
+
+def test_summary_maps_are_appended_to_the_condition(shell):
+    from qid2_bidsapp.model.field_features import window_summary
+
+    signal, b0, brain, bvecs = shell
+    plain = FieldConfig.tiny(prior="dti", noise_input=True)
+    cfg = FieldConfig.tiny(prior="dti", noise_input=True, summary_input=True)
+    assert cfg.condition_channels == plain.condition_channels + 4
+    feats, _ = shell_features(signal, b0, brain, bvecs, cfg)
+    scalars = scalar_values(1000, 12, 1, 0.05)
+    cond = slice_condition(feats, 0, 1, scalars, cfg)
+    assert cond.shape == (cfg.condition_channels, *SHAPE[:2])
+    np.testing.assert_array_equal(cond[:-4], slice_condition(feats, 0, 1, scalars, plain))
+    summary = window_summary(feats, context_indices(0, SHAPE[2], 1), cfg)
+    np.testing.assert_allclose(cond[-4:, 3, 7], summary)
+
+
+def test_a_model_gains_the_summary_maps_without_changing_its_output():
+    from qid2_bidsapp.model.field_network import ShFieldNetwork, widen_input_weights
+
+    from .helpers import randomise_weights
+
+    plain = FieldConfig.tiny(prior="dti", noise_input=True)
+    wide = FieldConfig.tiny(prior="dti", noise_input=True, summary_input=True)
+    old = ShFieldNetwork(plain).eval()
+    randomise_weights(old)
+    new = ShFieldNetwork(wide).eval()
+    new.load_state_dict(widen_input_weights(old.state_dict(), new))
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.randn(2, plain.condition_channels, 16, 16, generator=gen)
+    summary = torch.randn(2, 4, 1, 1, generator=gen).expand(2, 4, 16, 16)
+    x = torch.randn(2, plain.n_coefficients, 16, 16, generator=gen)
+    t = torch.tensor([0, 90])
+    torch.testing.assert_close(new(x, torch.cat([cond, summary], 1), t), old(x, cond, t))
+    with pytest.raises(ValueError, match="cannot widen"):
+        widen_input_weights(new.state_dict(), old)
+
+
+def test_summary_model_engine_is_symmetric_and_order_independent(shell, tmp_path):
+    signal, b0, brain, bvecs = shell
+    folder = save_tiny_field_model(tmp_path / "summary", prior="dti", summary_input=True)
+    engine = _engine(folder)
+    targets = hemisphere_directions(7, seed=9)
+    both = np.vstack([targets, -targets])
+    a = engine.predict(signal, b0, bvecs, both, BVAL, brain)
+    np.testing.assert_allclose(a[..., :7], a[..., 7:], rtol=1e-5, atol=1e-3)
+    assert a[brain].std() > 0
+    order = np.random.default_rng(3).permutation(len(bvecs))
+    b = engine.predict(signal[..., order], b0, bvecs[order], both, BVAL, brain)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)
+
+
+def test_fine_tune_adds_the_summary_maps_to_a_model_without_them(tmp_path):
+    from qid2_bidsapp.model.field_network import INPUT_CONV_WEIGHT
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+    from qid2_bidsapp.sim.slabs import write_slab
+
+    slabs = tmp_path / "slabs"
+    slabs.mkdir()
+    write_slab(tensor_coefficient_slab(0), slabs / "slab-0-000000.npz")
+    val = tmp_path / "run" / "val_slabs"
+    val.mkdir(parents=True)
+    write_slab(tensor_coefficient_slab(9), val / "slab-1-000000.npz")
+    plain = save_tiny_field_model(tmp_path / "plain", prior="dti")
+    wide = FieldConfig.tiny(prior="dti", summary_input=True)
+    config = FieldTrainConfig(
+        slabs=str(slabs), output=str(tmp_path / "run"), model=wide.to_dict(), batch_size=2,
+        crop=16, steps=2, n_val_slabs=1, n_val_examples=2, num_threads=1,
+        init_weights=str(plain),
+    )  # fmt: skip
+    trainer = FieldTrainer(config, echo=lambda *_: None)
+    from qid2_bidsapp.model.checkpoint import load_model
+
+    old, _, _ = load_model(plain)
+    before = old.state_dict()[INPUT_CONV_WEIGHT]
+    after = trainer.network.state_dict()[INPUT_CONV_WEIGHT]
+    n = before.shape[1]
+    torch.testing.assert_close(after[:, :n], before)
+    assert after.shape[1] == n + 4 and not after[:, n:].any()
+    trainer.train_step()  # and it trains
+    other = FieldTrainConfig(**{**config.to_dict(), "model": {**wide.to_dict(), "sh_order": 4}})
+    other.model["order_scales"] = [1.0, 10.0, 40.0]
+    with pytest.raises(Exception, match="differs"):
+        FieldTrainer(other, echo=lambda *_: None)

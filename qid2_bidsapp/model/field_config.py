@@ -32,6 +32,9 @@ _EXTRA_PER_SLICE = 2
 #: Scalar maps of the condition: b/1000, sqrt(6/N), 1/sqrt(number of b=0 volumes), and with
 #: ``noise_input`` 10 x (noise sigma / S0_ref).
 N_SCALAR_CHANNELS = 3
+#: Constant maps of ``summary_input`` models: quantiles of the window's anisotropy
+#: (`field_features.window_summary`).
+N_SUMMARY_CHANNELS = 4
 #: Priors: a regularised SH fit (``sh``) or the SH projection of a tensor fit (``dti``).
 PRIORS = ("sh", "dti")
 _TUPLE_FIELDS = ("channels", "order_scales")
@@ -74,6 +77,11 @@ class FieldConfig:
         reproduces DTI on the acquired directions.
     noise_input : bool
         Give the network the scan's noise level (sigma / S0_ref, `trust.estimate_noise`).
+    summary_input : bool
+        Give the network a summary of its whole input window: quantiles of the prior's
+        anisotropy over the brain voxels of the slice and its context slices
+        (`field_features.window_summary`), so that it can tell a brain's anisotropy level
+        from the population's rather than pulling every brain towards the training mean.
     sampler_defaults : dict
         ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples`` and ``t_start``.
     version : str
@@ -96,6 +104,7 @@ class FieldConfig:
     max_timestep: int = 250
     prior: str = "sh"
     noise_input: bool = False
+    summary_input: bool = False
     sampler_defaults: dict = field(
         default_factory=lambda: json.loads(json.dumps(DEFAULT_FIELD_SAMPLER))
     )
@@ -134,8 +143,9 @@ class FieldConfig:
 
     @property
     def n_scalars(self) -> int:
-        """Constant maps of the condition (`N_SCALAR_CHANNELS`, plus one for the noise)."""
-        return N_SCALAR_CHANNELS + int(self.noise_input)
+        """Constant maps of the condition: `N_SCALAR_CHANNELS`, the noise, the summary."""
+        summary = N_SUMMARY_CHANNELS if self.summary_input else 0
+        return N_SCALAR_CHANNELS + int(self.noise_input) + summary
 
     @property
     def condition_channels(self) -> int:

@@ -177,7 +177,7 @@ def make_field_example(
         estimated, _ = estimate_noise(data, table_b, table_g, mask if mask.any() else None)
         noise_rel = estimated / s0_ref
     scalars = scalar_values(slab.bval, n_dirs, n_b0, noise_rel)
-    condition = slice_condition(features, centre, context, scalars)
+    condition = slice_condition(features, centre, context, scalars, config)
     scales = coefficient_scales(config).astype(np.float32)
     centre_coefs = coefs[:, :, centre]
     if target == "rician-mean":
@@ -442,7 +442,7 @@ def make_real_example(
     centre = context
     noise_rel = shell.sigma / s0_ref if config.noise_input else None
     condition = slice_condition(
-        features, centre, context, scalar_values(shell.bval, k, shell.n_b0, noise_rel)
+        features, centre, context, scalar_values(shell.bval, k, shell.n_b0, noise_rel), config
     )
     measured = _take(shell.data[:, :, z][..., hidden], corner, crop)
     corrected = measured

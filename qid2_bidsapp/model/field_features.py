@@ -11,7 +11,9 @@ For one shell with N acquired directions, every voxel gets (`shell_features`):
 Coefficients are put in *model space* by multiplying order ``l`` by ``order_scales[l // 2]``
 (`coefficient_scales`). The condition of slice z (`slice_condition`) stacks the features of
 slices ``z - c .. z + c`` (``c = context_slices``; edge slices repeated at the volume's ends)
-and three constant maps: b/1000, sqrt(6/N) and 1/sqrt(number of b=0 volumes averaged).
+and three constant maps: b/1000, sqrt(6/N) and 1/sqrt(number of b=0 volumes averaged), then
+the noise level (``noise_input``) and a summary of the whole input window (``summary_input``:
+quantiles of the prior's anisotropy over its brain voxels, `window_summary`).
 
 Directions are in the model frame of the slice axis (`model.data.model_frame_bvecs`): the
 coefficients, and so the network's output, are expressed in the voxel axes of the slices.
@@ -316,7 +318,76 @@ def context_indices(z: int, n_slices: int, context: int) -> np.ndarray:
     return np.clip(np.arange(z - context, z + context + 1), 0, n_slices - 1)
 
 
-def slice_condition(features: np.ndarray, z: int, context: int, scalars: np.ndarray) -> np.ndarray:
+#: Quantiles of the window's anisotropy index given to ``summary_input`` models.
+SUMMARY_QUANTILES = (0.25, 0.5, 0.75, 0.9)
+#: Multiplier of the anisotropy index (typical brain values become about 0.1-1.5).
+SUMMARY_SCALE = 4.0
+
+
+def anisotropy_index(coefficients: np.ndarray, config: FieldConfig) -> np.ndarray:
+    """Rotation-invariant anisotropy of a signal field: ``||c_2|| / c_00`` (RISH-2 over mean).
+
+    Parameters
+    ----------
+    coefficients : ndarray, shape (..., C)
+        Model-space coefficients (order ``config.sh_order``).
+    config : FieldConfig
+        The model configuration.
+
+    Returns
+    -------
+    ndarray, shape (...), float64
+        0 where ``c_00 <= 0``.
+
+    """
+    orders = order_of_coefficients(config.sh_order)
+    plain = np.asarray(coefficients, dtype=np.float64) / coefficient_scales(config)
+    l2 = np.sqrt(np.sum(plain[..., orders == 2] ** 2, axis=-1))
+    c00 = plain[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(c00 > 1e-6, l2 / np.where(c00 > 1e-6, c00, 1.0), 0.0)
+
+
+def window_summary(features: np.ndarray, slices: np.ndarray, config: FieldConfig) -> np.ndarray:
+    """Quantiles of the prior's anisotropy over the brain voxels of a window's slices.
+
+    A summary of everything the network sees (the slice and its context, the whole in-plane
+    window) that tells how anisotropic this brain is at this noise level; the same function
+    builds it in training (on the crop) and at inference (on the slice's window).
+
+    Parameters
+    ----------
+    features : ndarray, shape (H, W, Z, F)
+        `shell_features`.
+    slices : ndarray of int
+        The slices of the window (`context_indices`).
+    config : FieldConfig
+        The model configuration.
+
+    Returns
+    -------
+    ndarray, shape (len(SUMMARY_QUANTILES),), float32
+        ``SUMMARY_SCALE`` x the `SUMMARY_QUANTILES` of `anisotropy_index`; zeros without
+        brain voxels.
+
+    """
+    part = features[:, :, np.asarray(slices)]
+    inside = part[..., config.features_per_slice - 1] > 0.5
+    if not inside.any():
+        return np.zeros(len(SUMMARY_QUANTILES), dtype=np.float32)
+    start = config.prior_offset
+    prior = part[inside][:, start : start + config.n_coefficients]
+    index = anisotropy_index(prior, config)
+    return (SUMMARY_SCALE * np.quantile(index, SUMMARY_QUANTILES)).astype(np.float32)
+
+
+def slice_condition(
+    features: np.ndarray,
+    z: int,
+    context: int,
+    scalars: np.ndarray,
+    config: FieldConfig | None = None,
+) -> np.ndarray:
     """Condition of one slice: features of its context slices, then the scalar maps.
 
     Parameters
@@ -329,6 +400,9 @@ def slice_condition(features: np.ndarray, z: int, context: int, scalars: np.ndar
         ``config.context_slices``.
     scalars : ndarray, shape (N_SCALAR_CHANNELS,)
         `scalar_values`.
+    config : FieldConfig, optional
+        The model configuration; for ``summary_input`` models the `window_summary` of these
+        slices is appended to the scalar maps.
 
     Returns
     -------
@@ -336,6 +410,8 @@ def slice_condition(features: np.ndarray, z: int, context: int, scalars: np.ndar
 
     """
     idx = context_indices(z, features.shape[2], context)
+    if config is not None and config.summary_input:
+        scalars = np.concatenate([scalars, window_summary(features, idx, config)])
     h, w = features.shape[:2]
     stack = np.moveaxis(features[:, :, idx], (2, 3), (0, 1)).reshape(-1, h, w)
     consts = np.broadcast_to(np.asarray(scalars, np.float32)[:, None, None], (len(scalars), h, w))

@@ -302,7 +302,9 @@ def synthesise_shell_field(
     evaluate_t = torch.from_numpy(evaluate).to(device)
 
     def process(slices: list[int]) -> None:
-        cond = np.stack([slice_condition(crop, s, config.context_slices, scalars) for s in slices])
+        cond = np.stack(
+            [slice_condition(crop, s, config.context_slices, scalars, config) for s in slices]
+        )
         cond_t, pad = pad_to_multiple(torch.from_numpy(cond).to(device), config.spatial_multiple)
         generators = [pair_generator(seed, shell_key, s) for s in slices]
         samples = sample_coefficients(network, scheduler, cond_t, generators, settings, dtype=dtype)

@@ -28,7 +28,10 @@ from .field_config import FieldConfig
 from .field_features import evaluation_matrix
 from .network import crop_pad, pad_to_multiple, set_fused_attention
 
-__all__ = ["ShFieldNetwork", "TensorFA", "crop_pad", "pad_to_multiple"]
+__all__ = ["ShFieldNetwork", "TensorFA", "crop_pad", "pad_to_multiple", "widen_input_weights"]
+
+#: The U-Net's first convolution: the only weights that see the input channels.
+INPUT_CONV_WEIGHT = "unet.conv_in.conv.weight"
 
 
 class ShFieldNetwork(nn.Module):
@@ -106,6 +109,47 @@ class ShFieldNetwork(nn.Module):
             raise ValueError(f"H and W must be multiples of {m}, got {h}x{w}: use pad_to_multiple")
         out = self.unet(torch.cat([x_noisy, condition], dim=1), timesteps)
         return condition[:, self.prior_channels].to(out.dtype) + out
+
+
+def widen_input_weights(tensors: dict, network: ShFieldNetwork) -> dict:
+    """Fit weights of a network with fewer trailing input channels to `network`.
+
+    The condition's constant maps come last, so a model that gains maps (``summary_input``)
+    keeps every other weight; the new input channels of the first convolution start at 0, and
+    the widened network computes exactly what the old one did until it is trained.
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        State dict of the narrower network.
+    network : ShFieldNetwork
+        The network to load them into.
+
+    Returns
+    -------
+    dict of str to Tensor
+        `tensors` with the first convolution's weight zero-padded (a new dict).
+
+    Raises
+    ------
+    ValueError
+        When any other tensor differs in shape, or the new weight is narrower.
+
+    """
+    target = network.state_dict()
+    out = dict(tensors)
+    old = tensors[INPUT_CONV_WEIGHT]
+    new_shape = tuple(target[INPUT_CONV_WEIGHT].shape)
+    same_rest = old.shape[0] == new_shape[0] and tuple(old.shape[2:]) == new_shape[2:]
+    if not same_rest or old.shape[1] > new_shape[1]:
+        raise ValueError(f"cannot widen input weights {tuple(old.shape)} to {new_shape}")
+    padded = torch.zeros(new_shape, dtype=old.dtype)
+    padded[:, : old.shape[1]] = old
+    out[INPUT_CONV_WEIGHT] = padded
+    for name, value in out.items():
+        if name in target and tuple(value.shape) != tuple(target[name].shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(target[name].shape)}")
+    return out
 
 
 #: Directions the FA of a coefficient field is computed on (a fixed, well-spread set).

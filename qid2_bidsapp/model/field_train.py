@@ -41,7 +41,7 @@ from .field_config import FieldConfig
 from .field_data import Protocol, make_field_example, stack_field_examples
 from .field_features import coefficient_scales
 from .field_inference import field_scheduler, sample_coefficients
-from .field_network import ShFieldNetwork, TensorFA
+from .field_network import INPUT_CONV_WEIGHT, ShFieldNetwork, TensorFA, widen_input_weights
 from .inference import SamplerSettings, pair_generator
 
 STATE_NAME = "training_state.pt"
@@ -379,16 +379,24 @@ class FieldTrainer:
         return shells
 
     def _load_initial_weights(self, path: Path) -> None:
+        """Start from earlier weights; a model without the summary maps may gain them."""
         if path.is_dir():  # a model folder (verified, and its architecture must match)
             from .checkpoint import load_model
 
             network, config, _ = load_model(path)
-            if config.to_dict() != self.model_config.to_dict():
+            theirs, ours = config.to_dict(), self.model_config.to_dict()
+            if not theirs["summary_input"] and ours["summary_input"]:
+                theirs["summary_input"] = True  # widened below
+            if theirs != ours:
                 raise Qid2Error(f"{path}: its model configuration differs from this run's")
-            self.network.load_state_dict(network.state_dict())
-            return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = state["model"] if isinstance(state, dict) and "model" in state else state
+            tensors = network.state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            tensors = state["model"] if isinstance(state, dict) and "model" in state else state
+        if self.model_config.summary_input:
+            ours = self.network.state_dict()[INPUT_CONV_WEIGHT].shape[1]
+            if tensors[INPUT_CONV_WEIGHT].shape[1] < ours:
+                tensors = widen_input_weights(tensors, self.network)
         self.network.load_state_dict(tensors)
 
     def _real_validation_set(self) -> dict | None:
