@@ -407,6 +407,19 @@ def test_extra_metrics_on_the_phantom(phantom):
         assert 0.0 < row["csd_acc"] <= 1.0 and 0.0 <= row["csd_peak_deg"] < 90.0
         assert row["md_mae"] > 0 and np.isfinite(row["fa_bias"])
     assert by["sh"]["csd_acc"] > by["none"]["csd_acc"]  # more directions, closer fODF
+    # white-matter columns: the same errors restricted to reference FA >= WM_FA
+    from qid2_bidsapp.evaluation.harness import WM_FA
+    from qid2_bidsapp.qc import fit_dti
+
+    p = phantom
+    fa_ref = fit_dti(p.data, p.bvals, p.bvecs, p.mask).fa
+    ii = p.input_indices
+    fa_none = fit_dti(p.data[..., ii], p.bvals[ii], p.bvecs[ii], p.mask).fa
+    wm = p.mask & (fa_ref >= WM_FA)
+    assert 0 < wm.sum() < p.mask.sum()
+    err = (fa_none - fa_ref)[wm]
+    assert by["none"]["fa_mae_wm"] == pytest.approx(np.abs(err).mean(), rel=1e-6)
+    assert by["none"]["fa_bias_wm"] == pytest.approx(err.mean(), rel=1e-6, abs=1e-9)
 
 
 def test_hardi_metrics_of_identical_data_are_perfect(phantom):

@@ -33,6 +33,8 @@ COLUMNS = (
     "ssim",
     *(f"rish_l{ell}_nmse" for ell in RISH_ORDERS),
     "fa_bias",
+    "fa_mae_wm",
+    "fa_bias_wm",
     "md_mae",
     "equiv_dirs",
     "csd_acc",
@@ -44,6 +46,8 @@ COLUMNS = (
     "ssim_truth",
     *(f"rish_l{ell}_nmse_truth" for ell in RISH_ORDERS),
     "fa_bias_truth",
+    "fa_mae_wm_truth",
+    "fa_bias_wm_truth",
     "md_mae_truth",
     "equiv_dirs_truth",
     "csd_acc_truth",
@@ -53,6 +57,8 @@ COLUMNS = (
 MD_UNIT = 1e-3
 #: White matter of the HARDI metrics: reference FA above this (`hardi.WM_FA`).
 WM_FA_FOR_HARDI = 0.3
+#: White matter of the ``fa_mae_wm`` / ``fa_bias_wm`` columns: reference FA at or above this.
+WM_FA = 0.3
 
 
 def _rish_by_shell(
@@ -90,13 +96,16 @@ def _score_against(
     """Every metric of one method against one reference (acquired or truth)."""
     suffix = "" if prefix == "acquired" else "_truth"
     fa, fa_reference = dti.fa, dti_reference.fa
+    wm = mask & (fa_reference >= WM_FA)
+    nan = float("nan")
     row = {
         f"fa_mae{suffix}": fa_mae(fa, fa_reference, mask),
         f"fa_ssim{suffix}": ssim(fa, fa_reference, mask, data_range=1.0),
         f"fa_bias{suffix}": float(np.mean(fa[mask] - fa_reference[mask])) if mask.any() else 0.0,
+        f"fa_mae_wm{suffix}": fa_mae(fa, fa_reference, wm) if wm.any() else nan,
+        f"fa_bias_wm{suffix}": float(np.mean(fa[wm] - fa_reference[wm])) if wm.any() else nan,
         f"md_mae{suffix}": masked_mae(dti.md / MD_UNIT, dti_reference.md / MD_UNIT, mask),
     }
-    nan = float("nan")
     if prediction is not None:
         peak = float(reference_volumes[mask].max())
         masked_pred = prediction * mask[..., None]
@@ -125,6 +134,7 @@ def evaluate_case(
     acquisition (input + predicted volumes, in the full acquisition's order) gives its FA and
     MD, which are compared with DTI on the full acquisition (and, for simulations, on the
     noise-free truth): FA MAE, FA SSIM, signed FA bias (mean of merged - reference in the mask),
+    FA MAE and bias in white matter (reference FA >= `WM_FA`),
     MD MAE. ``none`` is DTI on the input subset alone. Synthesised volumes are compared with the
     acquired (and the true) held-out volumes; RISH features (SH order 4) of each shell of the
     merged acquisition with those of the full one. Every metric is computed in ``case.mask``.

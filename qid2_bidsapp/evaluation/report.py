@@ -36,6 +36,8 @@ def _is_number(value) -> bool:
 #: Optional summary columns shown when any row has them: (key, header, format).
 _OPTIONAL = (
     ("fa_bias", "FA bias", "+.4f"),
+    ("fa_mae_wm", "FA MAE in WM", ".4f"),
+    ("fa_bias_wm", "FA bias in WM", "+.4f"),
     ("md_mae", "MD MAE (1e-3 mm²/s)", ".4f"),
     ("equiv_dirs", "≈ N acquired", ".1f"),
     ("csd_acc", "CSD ACC", ".3f"),
