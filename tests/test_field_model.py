@@ -179,6 +179,38 @@ def test_fa_bias_term_scores_a_shrunk_field_and_not_errors_that_cancel():
     assert with_bias(target, target, mask, bval)[1]["fa_bias"] < 1e-6
 
 
+def test_split_fa_bias_term_sees_grey_and_white_matter_biases_that_cancel():
+    from qid2_bidsapp.model.field_train import FieldLoss
+
+    slab = tensor_coefficient_slab(0)
+    cfg = FieldConfig.tiny()
+    first = slab.coefs[:, :, 0].astype(np.float32) * coefficient_scales(cfg)
+    target = torch.from_numpy(np.moveaxis(first, -1, 0))[None].float()
+    mask = torch.ones(target.shape[:1] + target.shape[2:])
+    bval = torch.tensor([slab.bval])
+    plain = FieldLoss(cfg, 1.0, 4.0, fa_bias_weight=10.0)
+    fa_true = plain.fa(target, bval)
+    split = float(fa_true.median())
+    high = fa_true >= split
+    anisotropic = torch.ones(target.shape[1], dtype=torch.bool)
+    anisotropic[0] = False
+    # low-FA voxels made more anisotropic, high-FA voxels less: the biases cancel overall
+    pulled = target.clone()
+    factor = torch.where(high, 0.8, 1.25)[:, None]  # (1, 1, H, W)
+    pulled[:, anisotropic] = target[:, anisotropic] * factor
+    err = plain.fa(pulled, bval) - fa_true
+    low_bias, high_bias = err[~high].mean(), err[high].mean()
+    assert low_bias > 0.01 and high_bias < -0.01
+    stratified = FieldLoss(cfg, 1.0, 4.0, fa_bias_weight=10.0, fa_bias_split=split)
+    one = plain(pulled, target, mask, bval)[1]["fa_bias"]
+    two = stratified(pulled, target, mask, bval)[1]["fa_bias"]
+    share = high.float().mean()
+    expected = (1 - share) * low_bias.abs() + share * high_bias.abs()
+    assert two == pytest.approx(float(expected), rel=1e-4)
+    assert one == pytest.approx(float(err.mean().abs()), rel=1e-4) and one < 0.5 * two
+    assert stratified(target, target, mask, bval)[1]["fa_bias"] < 1e-6
+
+
 # ----------------------------------------------------------------------------- engine
 
 

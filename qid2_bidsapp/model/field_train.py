@@ -19,7 +19,10 @@ coefficients' signal error: the basis is orthonormal) + ``fa_weight * |FA - FA_t
 + ``fa_bias_weight * mean_b |mean_mask(FA - FA_true)|`` (the signed FA error of each example
 averaged over its brain voxels: a prior learnt on many brains pulls every FA of a brain
 towards the population's; this term asks the network to read the brain's anisotropy level
-from the crop's own data instead).
+from the crop's own data instead). With ``fa_bias_split`` the bias is taken separately in the
+voxels whose true FA is below and at or above that value (grey and white matter, roughly) and
+the two are added, weighted by their share of the mask: a brain whose grey matter is pulled up
+while its white matter is pulled down no longer scores 0.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ class FieldTrainConfig:
         (the truncated sampler starts from the noised prior).
     signal_weight, fa_weight, fa_bias_weight : float
         Loss weights (see the module docstring).
+    fa_bias_split : float, optional
+        True-FA value splitting the per-example FA-bias term in two strata (None: one).
     max_slabs : int
         Largest number of slabs held in memory.
     val_seed, n_val_slabs, n_val_examples : int
@@ -122,6 +127,7 @@ class FieldTrainConfig:
     signal_weight: float = 1.0
     fa_weight: float = 4.0
     fa_bias_weight: float = 0.0
+    fa_bias_split: float | None = None
     max_slabs: int = 4000
     val_seed: int = 1
     n_val_slabs: int = 16
@@ -192,6 +198,9 @@ class FieldLoss(torch.nn.Module):
         The model configuration.
     signal_weight, fa_weight, fa_bias_weight : float
         Weights of the signal, FA and per-example FA-bias terms.
+    fa_bias_split : float, optional
+        Take the per-example FA bias separately below and at or above this true FA, and add
+        the two absolute biases weighted by their share of the example's mask.
 
     """
 
@@ -201,6 +210,7 @@ class FieldLoss(torch.nn.Module):
         signal_weight: float,
         fa_weight: float,
         fa_bias_weight: float = 0.0,
+        fa_bias_split: float | None = None,
     ):
         super().__init__()
         scales = torch.as_tensor(coefficient_scales(config), dtype=torch.float32)
@@ -209,6 +219,7 @@ class FieldLoss(torch.nn.Module):
         self.signal_weight = float(signal_weight)
         self.fa_weight = float(fa_weight)
         self.fa_bias_weight = float(fa_bias_weight)
+        self.fa_bias_split = None if fa_bias_split is None else float(fa_bias_split)
 
     def forward(self, pred, target, mask, bval) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the loss and its parts (``coef_mse``, ``signal_mse``, ``fa_mae``, ``fa_bias``).
@@ -231,11 +242,19 @@ class FieldLoss(torch.nn.Module):
         diff = pred - target
         coef = masked_mean(diff.square(), mask)
         signal = masked_mean((diff * self.inverse_scales).square(), mask)
-        fa_error = self.fa(pred, bval) - self.fa(target, bval)
+        fa_true = self.fa(target, bval)
+        fa_error = self.fa(pred, bval) - fa_true
         fa = masked_mean(fa_error.abs(), mask)
         weights = mask.to(fa_error.dtype)
-        per_example = (fa_error * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
-        fa_bias = per_example.abs().mean()
+        strata = [weights]
+        if self.fa_bias_split is not None:
+            high = (fa_true >= self.fa_bias_split).to(weights.dtype)
+            strata = [weights * (1 - high), weights * high]
+        total = weights.sum(dim=(1, 2)).clamp(min=1.0)
+        fa_bias = 0.0
+        for stratum in strata:  # |mean error| of each stratum, weighted by its share
+            fa_bias = fa_bias + (fa_error * stratum).sum(dim=(1, 2)).abs() / total
+        fa_bias = fa_bias.mean()
         loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
         if self.fa_bias_weight:
             loss = loss + self.fa_bias_weight * fa_bias
@@ -328,7 +347,11 @@ class FieldTrainer:
         self.protocol = Protocol(**config.protocol)
         self.network = ShFieldNetwork(self.model_config)
         self.loss = FieldLoss(
-            self.model_config, config.signal_weight, config.fa_weight, config.fa_bias_weight
+            self.model_config,
+            config.signal_weight,
+            config.fa_weight,
+            config.fa_bias_weight,
+            config.fa_bias_split,
         )
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -741,7 +764,12 @@ def training_record(output: str | Path) -> dict[str, Any]:
         "loss": {
             "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|"
             + (
-                " + fa_bias_weight * mean_b |mean_mask(FA - FA_true)|"
+                (
+                    " + fa_bias_weight * mean_b |mean_mask(FA - FA_true)|"
+                    if config.get("fa_bias_split") is None
+                    else " + fa_bias_weight * mean_b sum_s share_s |mean_s(FA - FA_true)|"
+                    f" (strata s: FA_true below / at or above {config['fa_bias_split']})"
+                )
                 if config.get("fa_bias_weight")
                 else ""
             ),
@@ -749,6 +777,7 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "signal_weight": config["signal_weight"],
             "fa_weight": config["fa_weight"],
             "fa_bias_weight": config.get("fa_bias_weight", 0.0),
+            "fa_bias_split": config.get("fa_bias_split"),
             "target": (
                 "noise-free coefficients"
                 if config.get("target", "clean") == "clean"
