@@ -564,7 +564,7 @@ def test_fine_tune_adds_the_summary_maps_to_a_model_without_them(tmp_path):
     config = FieldTrainConfig(
         slabs=str(slabs), output=str(tmp_path / "run"), model=wide.to_dict(), batch_size=2,
         crop=16, steps=2, n_val_slabs=1, n_val_examples=2, num_threads=1,
-        init_weights=str(plain),
+        init_weights=str(plain), prior_relative=True, fa_bias_weight=8.0, fa_bias_split=0.3,
     )  # fmt: skip
     trainer = FieldTrainer(config, echo=lambda *_: None)
     from qid2_bidsapp.model.checkpoint import load_model
@@ -575,8 +575,44 @@ def test_fine_tune_adds_the_summary_maps_to_a_model_without_them(tmp_path):
     n = before.shape[1]
     torch.testing.assert_close(after[:, :n], before)
     assert after.shape[1] == n + 4 and not after[:, n:].any()
-    trainer.train_step()  # and it trains
+    parts = trainer.train_step()  # and it trains (with the weighted, split loss)
+    assert np.isfinite(parts["loss"]) and parts["fa_bias"] >= 0
     other = FieldTrainConfig(**{**config.to_dict(), "model": {**wide.to_dict(), "sh_order": 4}})
     other.model["order_scales"] = [1.0, 10.0, 40.0]
     with pytest.raises(Exception, match="differs"):
         FieldTrainer(other, echo=lambda *_: None)
+
+
+def test_prior_relative_loss_weighs_examples_by_their_priors_fa_error():
+    from qid2_bidsapp.model.field_train import FieldLoss
+
+    slab = tensor_coefficient_slab(0)
+    cfg = FieldConfig.tiny()
+    first = slab.coefs[:, :, 0].astype(np.float32) * coefficient_scales(cfg)
+    one = torch.from_numpy(np.moveaxis(first, -1, 0))[None].float()
+    target = torch.cat([one, one])
+    mask = torch.ones(target.shape[:1] + target.shape[2:])
+    bval = torch.full((2,), slab.bval)
+    anisotropic = torch.ones(target.shape[1], dtype=torch.bool)
+    anisotropic[0] = False
+    pred = target.clone()
+    pred[:, anisotropic] *= 0.9  # the same error in both examples
+    prior = target.clone()
+    prior[0, anisotropic] *= 0.95  # example 0: a good prior (high SNR) ...
+    prior[1, anisotropic] *= 0.6  # ... example 1: a poor one
+    plain = FieldLoss(cfg, 1.0, 4.0, fa_bias_weight=8.0)
+    relative = FieldLoss(cfg, 1.0, 4.0, fa_bias_weight=8.0, prior_relative=True)
+    loss_plain, parts_plain = plain(pred, target, mask, bval, prior)
+    loss_rel, parts_rel = relative(pred, target, mask, bval, prior)
+    assert parts_rel == pytest.approx(parts_plain)  # the reported parts are plain means
+    # equal errors and equal masks: the weights average to 1, so the loss is unchanged ...
+    assert loss_rel.item() == pytest.approx(loss_plain.item(), rel=1e-4)
+    # ... but the example with the good prior now carries most of the gradient
+    pred_a = pred.clone().requires_grad_(True)
+    relative(pred_a, target, mask, bval, prior)[0].backward()
+    g = pred_a.grad.abs().sum(dim=(1, 2, 3))
+    assert g[0] > 3 * g[1]
+    pred_b = pred.clone().requires_grad_(True)
+    plain(pred_b, target, mask, bval, prior)[0].backward()
+    h = pred_b.grad.abs().sum(dim=(1, 2, 3))
+    assert h[0] == pytest.approx(h[1].item(), rel=1e-4)

@@ -48,6 +48,8 @@ from .field_network import INPUT_CONV_WEIGHT, ShFieldNetwork, TensorFA, widen_in
 from .inference import SamplerSettings, pair_generator
 
 STATE_NAME = "training_state.pt"
+#: Smallest prior FA error used by ``prior_relative`` weights (bounds the largest weight).
+RELATIVE_FA_FLOOR = 0.005
 LOG_NAME = "train_log.jsonl"
 
 
@@ -78,6 +80,9 @@ class FieldTrainConfig:
         Loss weights (see the module docstring).
     fa_bias_split : float, optional
         True-FA value splitting the per-example FA-bias term in two strata (None: one).
+    prior_relative : bool
+        Weigh each simulated example by the inverse FA error of its prior, so that examples
+        the prior already does well on (many directions, high SNR) are not drowned out.
     max_slabs : int
         Largest number of slabs held in memory.
     val_seed, n_val_slabs, n_val_examples : int
@@ -128,6 +133,7 @@ class FieldTrainConfig:
     fa_weight: float = 4.0
     fa_bias_weight: float = 0.0
     fa_bias_split: float | None = None
+    prior_relative: bool = False
     max_slabs: int = 4000
     val_seed: int = 1
     n_val_slabs: int = 16
@@ -201,6 +207,8 @@ class FieldLoss(torch.nn.Module):
     fa_bias_split : float, optional
         Take the per-example FA bias separately below and at or above this true FA, and add
         the two absolute biases weighted by their share of the example's mask.
+    prior_relative : bool
+        Weigh each example by the inverse FA error of its prior (see `forward`).
 
     """
 
@@ -211,6 +219,7 @@ class FieldLoss(torch.nn.Module):
         fa_weight: float,
         fa_bias_weight: float = 0.0,
         fa_bias_split: float | None = None,
+        prior_relative: bool = False,
     ):
         super().__init__()
         scales = torch.as_tensor(coefficient_scales(config), dtype=torch.float32)
@@ -220,9 +229,14 @@ class FieldLoss(torch.nn.Module):
         self.fa_weight = float(fa_weight)
         self.fa_bias_weight = float(fa_bias_weight)
         self.fa_bias_split = None if fa_bias_split is None else float(fa_bias_split)
+        self.prior_relative = bool(prior_relative)
 
-    def forward(self, pred, target, mask, bval) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, pred, target, mask, bval, prior=None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the loss and its parts (``coef_mse``, ``signal_mse``, ``fa_mae``, ``fa_bias``).
+
+        The parts are plain means over the batch's brain voxels, whatever the weighting.
 
         Parameters
         ----------
@@ -232,6 +246,11 @@ class FieldLoss(torch.nn.Module):
             Brain mask (0/1).
         bval : Tensor, shape (B,)
             b-values.
+        prior : Tensor, shape (B, C, H, W), optional
+            The prior's coefficients: with ``prior_relative`` each example's loss is weighed
+            by ``1 / (FA error of its prior)`` (normalised to a mean weight of 1 in the
+            batch), so that an example whose input already tells its FA well (many
+            directions, high SNR) counts as much as a noisy one, where the gains are large.
 
         Returns
         -------
@@ -251,13 +270,30 @@ class FieldLoss(torch.nn.Module):
             high = (fa_true >= self.fa_bias_split).to(weights.dtype)
             strata = [weights * (1 - high), weights * high]
         total = weights.sum(dim=(1, 2)).clamp(min=1.0)
-        fa_bias = 0.0
+        per_example_bias = 0.0
         for stratum in strata:  # |mean error| of each stratum, weighted by its share
-            fa_bias = fa_bias + (fa_error * stratum).sum(dim=(1, 2)).abs() / total
-        fa_bias = fa_bias.mean()
-        loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
-        if self.fa_bias_weight:
-            loss = loss + self.fa_bias_weight * fa_bias
+            per_example_bias = per_example_bias + (fa_error * stratum).sum(dim=(1, 2)).abs() / total
+        fa_bias = per_example_bias.mean()
+        if prior is None or not self.prior_relative:
+            loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
+            if self.fa_bias_weight:
+                loss = loss + self.fa_bias_weight * fa_bias
+        else:  # every example weighed by 1 / its prior's FA error (mean weight 1)
+            with torch.no_grad():
+                prior_error = (self.fa(prior, bval) - fa_true).abs()
+                prior_fa = (prior_error * weights).sum(dim=(1, 2)) / total
+                example_weight = 1.0 / prior_fa.clamp(min=RELATIVE_FA_FLOOR)
+                example_weight = example_weight / example_weight.mean()
+            n_coef = diff.shape[1]
+            voxel = weights[:, None]
+            coef_b = (diff.square() * voxel).sum(dim=(1, 2, 3)) / (n_coef * total)
+            signal_b = ((diff * self.inverse_scales).square() * voxel).sum(dim=(1, 2, 3))
+            signal_b = signal_b / (n_coef * total)
+            fa_b = (fa_error.abs() * weights).sum(dim=(1, 2)) / total
+            per_example = coef_b + self.signal_weight * 1000.0 * signal_b + self.fa_weight * fa_b
+            if self.fa_bias_weight:
+                per_example = per_example + self.fa_bias_weight * per_example_bias
+            loss = (example_weight * per_example).mean()
         parts = {
             "coef_mse": coef.item(),
             "signal_mse": signal.item(),
@@ -352,6 +388,7 @@ class FieldTrainer:
             config.fa_weight,
             config.fa_bias_weight,
             config.fa_bias_split,
+            config.prior_relative,
         )
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -497,7 +534,8 @@ class FieldTrainer:
             group["lr"] = self.learning_rate(self.step)
         self.network.train()
         pred = self.network(x_t, condition, timesteps)
-        loss, parts = self.loss(pred[:n_sim], target, mask, bval) if n_sim else (0.0, {})
+        prior = condition[:n_sim, self.network.prior_channels]
+        loss, parts = self.loss(pred[:n_sim], target, mask, bval, prior) if n_sim else (0.0, {})
         if real is not None:
             real_loss = real_signal_loss(pred[n_sim:], real)
             loss = loss + self.config.real_weight * real_loss
@@ -778,6 +816,7 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "fa_weight": config["fa_weight"],
             "fa_bias_weight": config.get("fa_bias_weight", 0.0),
             "fa_bias_split": config.get("fa_bias_split"),
+            "prior_relative": bool(config.get("prior_relative", False)),
             "target": (
                 "noise-free coefficients"
                 if config.get("target", "clean") == "clean"
