@@ -36,6 +36,10 @@ FLOOR_RATIO = 1.5
 SH_RATIO = 1.05
 #: Largest |mean FA change| (merged - acquired only) in the brain mask.
 FA_CHANGE_LIMIT = 0.01
+#: Brain extent (voxels) under which, along two axes, the field of view counts as small: the
+#: SH-field network then runs on a mirrored window (``MIN_NETWORK_SIZE // 2`` of
+#: `qid2_bidsapp.model.field_inference`), far from the whole-brain views it was trained on.
+SMALL_FIELD_VOXELS = 32
 
 
 def estimate_noise(
@@ -200,3 +204,34 @@ def trust_checks(
 def warned(checks: list[dict]) -> list[str]:
     """Return the names of the checks that warned (for a TSV column)."""
     return [c["name"] for c in checks if c["status"] == "warn"]
+
+
+def small_field_of_view(mask: np.ndarray) -> tuple[int, int, int] | None:
+    """Return the brain's bounding box when it is small along at least two axes.
+
+    A scan this small (dipy's 10 x 10 x 10 ``small_64D`` crop, a thin-slab acquisition
+    cropped in plane) gives the diffusion engine next to no spatial context, whatever axis it
+    slices along.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+        Brain mask.
+
+    Returns
+    -------
+    tuple of int or None
+        The bounding-box extents (voxels) when at least two are under `SMALL_FIELD_VOXELS`,
+        otherwise None (also for an empty mask).
+
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    extents = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        extents.append(int(present[-1] - present[0] + 1))
+    if sum(e < SMALL_FIELD_VOXELS for e in extents) >= 2:
+        return tuple(extents)
+    return None

@@ -337,6 +337,23 @@ def test_lps_run_and_broken_sidecar(tmp_path, fake_output):
         build_subject_report(out, "02")
 
 
+def test_small_field_of_view_is_flagged_for_the_diffusion_engine(tmp_path, fake_output):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(
+        fake_output / "sub-02", out / "sub-02", ignore=shutil.ignore_patterns("figures")
+    )
+    note = "The brain spans only"
+    assert note not in build_subject_report(out, "02").read_text()  # engine sh: no note
+    sidecar = next((out / "sub-02" / "dwi").glob("*_desc-preproc_dwi.json"))
+    meta = json.loads(sidecar.read_text())
+    meta["UpsamplingEngine"] = "qid2"
+    sidecar.write_text(json.dumps(meta))
+    html = build_subject_report(out, "02").read_text()
+    assert f"{note} 10×10×{SHAPE[2]} voxels" in html  # the phantom's disc, 10 voxels across
+
+
 def test_missing_gradient_table_raises(tmp_path, fake_output):
     import shutil
 

@@ -13,8 +13,10 @@ from qid2_bidsapp.qc import hidden_direction_check
 from qid2_bidsapp.trust import (
     FA_CHANGE_LIMIT,
     FLOOR_RATIO,
+    SMALL_FIELD_VOXELS,
     estimate_noise,
     noise_floor_nrmse,
+    small_field_of_view,
     trust_checks,
 )
 
@@ -79,3 +81,25 @@ def test_self_check_reports_the_floor_and_the_sh_baseline():
     )
     assert result["hidden_nrmse"] >= result["hidden_nrmse_floor"] * 0.9
     assert result["hidden_nrmse_sh"] != result["hidden_nrmse"]  # sh ran as the baseline
+
+
+def test_small_field_of_view_needs_two_small_axes():
+    cube = np.zeros((40, 40, 40), dtype=bool)
+    cube[5:15, 5:15, 5:15] = True  # 10 x 10 x 10, like dipy's small_64D
+    assert small_field_of_view(cube) == (10, 10, 10)
+    slab = np.zeros((64, 64, 20), dtype=bool)
+    slab[4:60, 6:58, :] = True  # partial coverage: one short axis only
+    assert small_field_of_view(slab) is None
+    edge = np.zeros((40, 40, 40), dtype=bool)
+    edge[0:SMALL_FIELD_VOXELS, 0 : SMALL_FIELD_VOXELS - 1, :] = True
+    assert small_field_of_view(edge) is None  # only one axis under the threshold
+    edge[0 : SMALL_FIELD_VOXELS - 1] = False
+    assert small_field_of_view(edge) == (1, SMALL_FIELD_VOXELS - 1, 40)
+    assert small_field_of_view(np.zeros((5, 5, 5), dtype=bool)) is None
+
+
+def test_small_field_threshold_is_where_the_network_mirrors_its_window():
+    pytest.importorskip("torch")
+    from qid2_bidsapp.model.field_inference import MIN_NETWORK_SIZE
+
+    assert SMALL_FIELD_VOXELS == MIN_NETWORK_SIZE // 2

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..derivatives import atomic_write_text
 from ..errors import InputError
+from ..trust import small_field_of_view
 from . import figures
 from .methods import methods_paragraph
 
@@ -812,6 +813,15 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
         run.notes.append("No brain mask found: the whole field of view is used.")
         mask = view.array(np.ones(img.shape[:3], dtype=bool))
     mask = np.asarray(mask) > 0
+    small = small_field_of_view(mask)
+    if small and str(run.sidecar.get("UpsamplingEngine") or "").startswith("qid2"):
+        run.notes.append(
+            "The brain spans only {}×{}×{} voxels. With so little spatial context the diffusion "
+            "engine has not been shown to help: on the one such scan measured (dipy's small_64D, "
+            "10×10×10 voxels) it was worse than DTI on the acquired directions alone "
+            "(docs/results.md). Treat the synthesised volumes with caution, or compare with "
+            "--engine sh.".format(*small)
+        )
     index = choose_slices(mask)
     zooms = view.zooms(img.header.get_zooms()[:3])
     sl = _Slices(index, [f"z = {z}" for z in index], mask[:, :, index], zooms[1] / zooms[0])
