@@ -13,8 +13,10 @@ import pytest
 from qid2_bidsapp.cli.eval import main as eval_main
 from qid2_bidsapp.engines.sh import apply_direction_matrix, sh_prediction_matrix
 from qid2_bidsapp.evaluation.cases import (
+    DIPY_CASES,
     EvalCase,
     load_bids_cases,
+    load_dipy_case,
     phantom_case,
     restrict_directions,
 )
@@ -433,3 +435,17 @@ def test_hardi_metrics_of_identical_data_are_perfect(phantom):
     assert metrics["csd_acc"] == pytest.approx(1.0)
     assert metrics["csd_peak_deg"] == pytest.approx(0.0)
     assert metrics["csd_voxels"] == min(int(wm.sum()), metrics["csd_voxels"]) > 0
+
+
+@pytest.mark.parametrize("name", sorted(DIPY_CASES))
+def test_dipy_cases_load_offline_and_split_in_half(name):
+    from qid2_bidsapp.cli.eval import DIPY_CASE_NAMES
+
+    assert set(DIPY_CASE_NAMES) == set(DIPY_CASES)
+    case = load_dipy_case(name)
+    n_dw = int(np.sum(case.bvals > case.b0_threshold))
+    assert case.mask.sum() > 0
+    assert len(np.unique(np.round(case.bvals[case.bvals > case.b0_threshold], -2))) == 1
+    n_given = int(np.sum(case.bvals[case.input_indices] > case.b0_threshold))
+    assert n_given in (n_dw // 2, (n_dw + 1) // 2)
+    assert set(case.heldout_indices).isdisjoint(case.input_indices)

@@ -28,7 +28,7 @@ VARIANT_KEYS = {
 }
 
 #: Real scans bundled with DIPY that --dipy accepts (`evaluation.cases.DIPY_CASES`).
-DIPY_CASE_NAMES = ("small_64D",)
+DIPY_CASE_NAMES = ("small_64D", "small_25")
 
 DEFINITIONS = """\
 Protocol: each case is a full acquisition; every b=0 volume and the best-spread subset of each
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=sorted(DIPY_CASE_NAMES),
-        help="a real scan bundled with DIPY (offline; small_64D: 64 directions at b=1000), "
+        help="a real scan bundled with DIPY (offline; small_64D: 64 directions at b=1000, "
+        "10x10x10 voxels; small_25: 25 directions at b=2000, 10x8x2 voxels), "
         "split by --fraction (repeatable)",
     )
     cases.add_argument(

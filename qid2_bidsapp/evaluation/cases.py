@@ -235,7 +235,10 @@ def load_bids_cases(
 
 
 #: Real single-shell scans that DIPY ships (offline): name -> description.
-DIPY_CASES = {"small_64D": "DIPY's small_64D: a real 10x10x10 crop, 2 mm, b=1000, 64 directions"}
+DIPY_CASES = {
+    "small_64D": "DIPY's small_64D: a real 10x10x10 crop, 2 mm, b=1000, 64 directions",
+    "small_25": "DIPY's small_25: a real 10x8x2 crop, 2 mm, b=2000, 25 directions",
+}
 
 
 def load_dipy_case(name: str = "small_64D", *, fraction: float = 0.5) -> EvalCase:
