@@ -817,10 +817,10 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
     if small and str(run.sidecar.get("UpsamplingEngine") or "").startswith("qid2"):
         run.notes.append(
             "The brain spans only {}×{}×{} voxels. With so little spatial context the diffusion "
-            "engine has not been shown to help: on the one such scan measured (dipy's small_64D, "
-            "10×10×10 voxels) it was worse than DTI on the acquired directions alone "
-            "(docs/results.md). Treat the synthesised volumes with caution, or compare with "
-            "--engine sh.".format(*small)
+            "engine has not been shown to help: on the two such scans measured (DIPY's "
+            "small_64D and small_25) its FA was no closer to the full acquisition's than DTI on "
+            "the acquired directions alone (docs/results.md). Treat the synthesised volumes "
+            "with caution; the acquired-only FA map is as good here.".format(*small)
         )
     index = choose_slices(mask)
     zooms = view.zooms(img.header.get_zooms()[:3])
