@@ -43,7 +43,6 @@ WM_FA = 0.3
 BLEND_WEIGHT = 0.3
 #: In-plane Gaussian filter width (voxels) of the smoothed row.
 SMOOTH_SIGMA = 0.5
-PROTOCOLS = ((30, 90), (15, 45))
 ROWS = (
     "qid2",
     f"qid2 + {int(BLEND_WEIGHT * 100)} % DTI",
@@ -157,13 +156,7 @@ def score_rows(case, model: str) -> dict[str, tuple[float, float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the grey/white-matter table."""
-    from qid2_bidsapp.evaluation.cases import (
-        SIM_N_B0,
-        EvalCase,
-        restrict_directions,
-        uniform_split,
-    )
-    from qid2_bidsapp.sim import acquisition, simulate_brain
+    from qid2_bidsapp.evaluation.cases import SIM_PROTOCOLS, SIM_SEED_OFFSET, simulated_cases
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(REPO / "models" / "qid2-default"))
@@ -179,22 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     for seed in seeds:
         log(f"brain {seed}")
-        bvals, bvecs = acquisition({1000: 90}, n_b0=SIM_N_B0, seed=seed)
-        brain = simulate_brain(bvals, bvecs, seed=seed, snr=args.snr, slab=(start, stop))
-        base = EvalCase(
-            name=f"sim-{seed}",
-            group="sim",
-            data=brain.data,
-            bvals=brain.bvals,
-            bvecs=brain.bvecs,
-            mask=brain.mask,
-            affine=brain.affine,
-            input_indices=uniform_split(brain.bvals, brain.bvecs, n_input=30),
-            truth=brain.clean,
-            source="wm_limits",
+        cases = simulated_cases(
+            1,
+            snr=args.snr,
+            seed=seed - SIM_SEED_OFFSET,
+            slab=(start, stop),
         )
-        for n_given, n_full in PROTOCOLS:
-            case = restrict_directions(base, n_full, n_given, group=f"{n_given}to{n_full}")
+        for case, (_, n_given, n_full) in zip(cases, SIM_PROTOCOLS, strict=True):
             results[(seed, n_given, n_full)] = score_rows(case, args.model)
 
     model = Path(args.model).resolve()
