@@ -616,3 +616,34 @@ def test_prior_relative_loss_weighs_examples_by_their_priors_fa_error():
     plain(pred_b, target, mask, bval, prior)[0].backward()
     h = pred_b.grad.abs().sum(dim=(1, 2, 3))
     assert h[0] == pytest.approx(h[1].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("prior_relative", [False, True])
+def test_wm_weight_moves_the_gradient_to_white_matter_and_leaves_the_parts_alone(prior_relative):
+    from qid2_bidsapp.model.field_train import WM_FA_THRESHOLD, FieldLoss
+
+    slab = tensor_coefficient_slab(0)
+    cfg = FieldConfig.tiny()
+    first = slab.coefs[:, :, 0].astype(np.float32) * coefficient_scales(cfg)
+    target = torch.from_numpy(np.moveaxis(first, -1, 0))[None].float()
+    half = target.shape[-1] // 2
+    target[:, 1:, :, :half] *= 0.1  # left half: nearly isotropic (grey matter)
+    mask = torch.ones(target.shape[:1] + target.shape[2:])
+    bval = torch.full((1,), slab.bval)
+    pred = target * 0.9
+    prior = target * 0.8
+    plain = FieldLoss(cfg, 1.0, 4.0, fa_bias_weight=8.0, prior_relative=prior_relative)
+    wm = FieldLoss(cfg, 1.0, 4.0, fa_bias_weight=8.0, prior_relative=prior_relative, wm_weight=3.0)
+    white = (plain.fa(target, bval) >= WM_FA_THRESHOLD)[0]
+    assert 0 < white.float().mean() < 1  # the fixture has both tissues
+    grads = []
+    for loss in (plain, wm):
+        p = pred.clone().requires_grad_(True)
+        value, parts = loss(p, target, mask, bval, prior)
+        value.backward()
+        per_voxel = p.grad.abs().sum(dim=1)[0]
+        grads.append(per_voxel[white].mean() / per_voxel[~white].mean())
+    assert loss(pred, target, mask, bval, prior)[1] == pytest.approx(
+        plain(pred, target, mask, bval, prior)[1]
+    )  # reported parts stay plain means
+    assert grads[1] > 2.0 * grads[0]  # white matter's share of the gradient grows

@@ -22,7 +22,9 @@ towards the population's; this term asks the network to read the brain's anisotr
 from the crop's own data instead). With ``fa_bias_split`` the bias is taken separately in the
 voxels whose true FA is below and at or above that value (grey and white matter, roughly) and
 the two are added, weighted by their share of the mask: a brain whose grey matter is pulled up
-while its white matter is pulled down no longer scores 0.
+while its white matter is pulled down no longer scores 0. With ``wm_weight`` the per-voxel
+terms (coefficients, signal, FA) count ``1 + wm_weight`` times in voxels whose true FA is at
+least `WM_FA_THRESHOLD` (white matter), where the model gained least (docs/results.md).
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ class FieldTrainConfig:
     prior_relative : bool
         Weigh each simulated example by the inverse FA error of its prior, so that examples
         the prior already does well on (many directions, high SNR) are not drowned out.
+    wm_weight : float
+        Extra weight of the per-voxel loss terms in white matter (true FA at least
+        `WM_FA_THRESHOLD`): such a voxel counts ``1 + wm_weight`` times. 0 leaves the loss as
+        it was.
     max_slabs : int
         Largest number of slabs held in memory.
     val_seed, n_val_slabs, n_val_examples : int
@@ -134,6 +140,7 @@ class FieldTrainConfig:
     fa_bias_weight: float = 0.0
     fa_bias_split: float | None = None
     prior_relative: bool = False
+    wm_weight: float = 0.0
     max_slabs: int = 4000
     val_seed: int = 1
     n_val_slabs: int = 16
@@ -186,6 +193,10 @@ class FieldTrainConfig:
         return asdict(self)
 
 
+WM_FA_THRESHOLD = 0.3
+"""True FA at or above which a voxel counts as white matter for ``wm_weight``."""
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` (B, ..., H, W) over the pixels where ``mask`` (B, H, W) is set."""
     weights = mask.to(values.dtype)
@@ -209,6 +220,9 @@ class FieldLoss(torch.nn.Module):
         the two absolute biases weighted by their share of the example's mask.
     prior_relative : bool
         Weigh each example by the inverse FA error of its prior (see `forward`).
+    wm_weight : float
+        Voxels whose true FA is at least `WM_FA_THRESHOLD` count ``1 + wm_weight`` times in
+        the coefficient, signal and FA terms (the bias term is unchanged).
 
     """
 
@@ -220,6 +234,7 @@ class FieldLoss(torch.nn.Module):
         fa_bias_weight: float = 0.0,
         fa_bias_split: float | None = None,
         prior_relative: bool = False,
+        wm_weight: float = 0.0,
     ):
         super().__init__()
         scales = torch.as_tensor(coefficient_scales(config), dtype=torch.float32)
@@ -230,6 +245,7 @@ class FieldLoss(torch.nn.Module):
         self.fa_bias_weight = float(fa_bias_weight)
         self.fa_bias_split = None if fa_bias_split is None else float(fa_bias_split)
         self.prior_relative = bool(prior_relative)
+        self.wm_weight = float(wm_weight)
 
     def forward(
         self, pred, target, mask, bval, prior=None
@@ -274,8 +290,21 @@ class FieldLoss(torch.nn.Module):
         for stratum in strata:  # |mean error| of each stratum, weighted by its share
             per_example_bias = per_example_bias + (fa_error * stratum).sum(dim=(1, 2)).abs() / total
         fa_bias = per_example_bias.mean()
+        voxel = weights
+        if self.wm_weight:  # white-matter voxels count 1 + wm_weight times
+            white = (fa_true >= WM_FA_THRESHOLD).to(weights.dtype)
+            voxel = weights * (1.0 + self.wm_weight * white)
         if prior is None or not self.prior_relative:
-            loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
+            if self.wm_weight:
+                loss = (
+                    masked_mean(diff.square(), voxel)
+                    + self.signal_weight
+                    * 1000.0
+                    * masked_mean((diff * self.inverse_scales).square(), voxel)
+                    + self.fa_weight * masked_mean(fa_error.abs(), voxel)
+                )
+            else:
+                loss = coef + self.signal_weight * 1000.0 * signal + self.fa_weight * fa
             if self.fa_bias_weight:
                 loss = loss + self.fa_bias_weight * fa_bias
         else:  # every example weighed by 1 / its prior's FA error (mean weight 1)
@@ -285,11 +314,11 @@ class FieldLoss(torch.nn.Module):
                 example_weight = 1.0 / prior_fa.clamp(min=RELATIVE_FA_FLOOR)
                 example_weight = example_weight / example_weight.mean()
             n_coef = diff.shape[1]
-            voxel = weights[:, None]
-            coef_b = (diff.square() * voxel).sum(dim=(1, 2, 3)) / (n_coef * total)
-            signal_b = ((diff * self.inverse_scales).square() * voxel).sum(dim=(1, 2, 3))
-            signal_b = signal_b / (n_coef * total)
-            fa_b = (fa_error.abs() * weights).sum(dim=(1, 2)) / total
+            voxel_total = voxel.sum(dim=(1, 2)).clamp(min=1.0)
+            coef_b = (diff.square() * voxel[:, None]).sum(dim=(1, 2, 3)) / (n_coef * voxel_total)
+            signal_b = ((diff * self.inverse_scales).square() * voxel[:, None]).sum(dim=(1, 2, 3))
+            signal_b = signal_b / (n_coef * voxel_total)
+            fa_b = (fa_error.abs() * voxel).sum(dim=(1, 2)) / voxel_total
             per_example = coef_b + self.signal_weight * 1000.0 * signal_b + self.fa_weight * fa_b
             if self.fa_bias_weight:
                 per_example = per_example + self.fa_bias_weight * per_example_bias
@@ -389,6 +418,7 @@ class FieldTrainer:
             config.fa_bias_weight,
             config.fa_bias_split,
             config.prior_relative,
+            config.wm_weight,
         )
         self.optimizer = torch.optim.AdamW(
             self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -817,6 +847,7 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "fa_bias_weight": config.get("fa_bias_weight", 0.0),
             "fa_bias_split": config.get("fa_bias_split"),
             "prior_relative": bool(config.get("prior_relative", False)),
+            "wm_weight": float(config.get("wm_weight", 0.0)),
             "target": (
                 "noise-free coefficients"
                 if config.get("target", "clean") == "clean"
