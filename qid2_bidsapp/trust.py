@@ -38,7 +38,7 @@ SH_RATIO = 1.05
 FA_CHANGE_LIMIT = 0.01
 #: Brain extent (voxels) under which, along two axes, the field of view counts as small: the
 #: SH-field network then runs on a mirrored window (``MIN_NETWORK_SIZE // 2`` of
-#: `qid2_bidsapp.model.field_inference`), far from the whole-brain views it was trained on.
+#: `qid2_bidsapp.model.field_features`), far from the whole-brain views it was trained on.
 SMALL_FIELD_VOXELS = 32
 
 

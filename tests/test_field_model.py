@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -237,7 +239,7 @@ def test_engine_output_does_not_depend_on_input_order(shell, random_field_model)
 def test_small_field_of_view_runs_on_a_mirrored_training_size_window(shell, random_field_model):
     # a crop shorter than half the training crop runs on a 64-voxel window centred on the
     # brain (the image mirrored around it); a longer one on the crop itself
-    from qid2_bidsapp.model.field_inference import MIN_NETWORK_SIZE, network_window
+    from qid2_bidsapp.model.field_features import MIN_NETWORK_SIZE, network_window
 
     assert network_window(3, 13, 0, 18) == (8 - MIN_NETWORK_SIZE // 2, 8 + MIN_NETWORK_SIZE // 2)
     assert network_window(10, 90, 6, 94) == (6, 94)
@@ -647,3 +649,60 @@ def test_wm_weight_moves_the_gradient_to_white_matter_and_leaves_the_parts_alone
         plain(pred, target, mask, bval, prior)[1]
     )  # reported parts stay plain means
     assert grads[1] > 2.0 * grads[0]  # white matter's share of the gradient grows
+
+
+def test_small_field_example_is_the_mirrored_window_the_app_runs_on():
+    from qid2_bidsapp.model.field_data import make_field_example
+    from qid2_bidsapp.model.field_features import network_window
+
+    cfg = FieldConfig.tiny()
+    base = tensor_coefficient_slab(1)
+    slab = dataclasses.replace(base, mask=np.ones_like(base.mask))  # brain everywhere
+    ex = make_field_example(slab, np.random.default_rng(3), cfg, crop=32, small_field=10)
+    again = make_field_example(slab, np.random.default_rng(3), cfg, crop=32, small_field=10)
+    np.testing.assert_array_equal(ex["condition"], again["condition"])
+    assert ex["condition"].shape == (cfg.condition_channels, 32, 32)
+    assert ex["target"].shape == (cfg.n_coefficients, 32, 32)
+    assert ex["meta"]["field"] == 10
+    # the loss sees the square only, where the app's window puts a 10-voxel scan (centred) ...
+    top = -network_window(0, 10, 0, 10, min_size=32)[0]
+    expected = np.zeros((32, 32))
+    expected[top : top + 10, top : top + 10] = 1
+    np.testing.assert_array_equal(ex["mask"], expected)
+    square = ex["condition"][:, top : top + 10]
+    # ... and outside it the condition is the square mirrored (numpy "symmetric")
+    np.testing.assert_array_equal(ex["condition"][:, top - 1], square[:, 0])
+    np.testing.assert_array_equal(ex["condition"][:, top + 10], square[:, 9])
+    np.testing.assert_array_equal(ex["target"][:, top - 2], ex["target"][:, top + 1])
+    with pytest.raises(ValueError, match="small_field"):
+        make_field_example(slab, np.random.default_rng(3), cfg, crop=32, small_field=16)
+
+
+def test_trainer_draws_small_fields_only_when_asked(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+    from qid2_bidsapp.sim.slabs import write_slab
+
+    slabs = tmp_path / "slabs"
+    slabs.mkdir()
+    write_slab(tensor_coefficient_slab(0), slabs / "slab-0-000000.npz")
+    val = tmp_path / "run" / "val_slabs"
+    val.mkdir(parents=True)
+    write_slab(tensor_coefficient_slab(9), val / "slab-1-000000.npz")
+    base = dict(
+        slabs=str(slabs), output=str(tmp_path / "run"), model=FieldConfig.tiny().to_dict(),
+        batch_size=8, crop=16, n_val_slabs=1, n_val_examples=2, num_threads=1,
+    )  # fmt: skip
+
+    def extents(masks):
+        return [np.ptp(np.argwhere(m > 0), axis=0).max() + 1 for m in masks]
+
+    plain = FieldTrainer(FieldTrainConfig(**base), echo=lambda *_: None)
+    assert min(extents(plain._batch()["mask"])) > 7  # whole 16-voxel crops of the slab
+    small = FieldTrainer(
+        FieldTrainConfig(**base, small_field_fraction=1.0, small_field_sizes=[4, 7]),
+        echo=lambda *_: None,
+    )
+    masks = small._batch()["mask"]
+    assert masks.shape == (8, 16, 16)
+    assert max(extents(masks)) <= 7
+    assert small.train_step()["loss"] > 0

@@ -100,6 +100,6 @@ def test_small_field_of_view_needs_two_small_axes():
 
 def test_small_field_threshold_is_where_the_network_mirrors_its_window():
     pytest.importorskip("torch")
-    from qid2_bidsapp.model.field_inference import MIN_NETWORK_SIZE
+    from qid2_bidsapp.model.field_features import MIN_NETWORK_SIZE
 
     assert SMALL_FIELD_VOXELS == MIN_NETWORK_SIZE // 2

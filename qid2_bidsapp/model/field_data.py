@@ -22,6 +22,9 @@ from .field_config import FieldConfig
 from .field_features import (
     coefficient_scales,
     context_indices,
+    mirrored_window,
+    network_window,
+    reference_s0,
     scalar_values,
     shell_features,
     slice_condition,
@@ -109,6 +112,7 @@ def make_field_example(
     crop: int = 64,
     protocol: Protocol | None = None,
     target: str = "clean",
+    small_field: int | None = None,
 ) -> dict:
     """Build one training example: a random acquisition of one slice of a slab.
 
@@ -129,6 +133,11 @@ def make_field_example(
         magnitude ``E[M]`` of the noise-free signal under the example's Rician noise
         (`rician_mean`), what an acquired volume measures on average: volumes synthesised
         this way agree with the acquired ones they are merged with, noise floor included.
+    small_field : int, optional
+        Simulate a tiny field of view (under ``crop // 2``, as dipy's small_64D): the
+        acquisition covers only a ``small_field`` square, and the example is the `crop`-wide
+        window the app runs the network on for such a scan (`field_features.network_window`,
+        the features mirrored outside the square), with the mask (the loss) only inside it.
 
     Returns
     -------
@@ -145,11 +154,14 @@ def make_field_example(
     else:
         z = int(rng.integers(context, n_slices - context))
     idx = context_indices(z, n_slices, context)
-    corner = _window(slab.mask[:, :, z], crop, rng)
+    size = crop if small_field is None else int(small_field)
+    if small_field is not None and not 0 < size < crop // 2:
+        raise ValueError(f"small_field must be in 1..{crop // 2 - 1}, got {small_field}")
+    corner = _window(slab.mask[:, :, z], size, rng)
     n_coef = config.n_coefficients
-    coefs = _take(slab.coefs[:, :, idx, :n_coef], corner, crop).astype(np.float32)
-    s0 = _take(slab.s0[:, :, idx], corner, crop)
-    mask = _take(slab.mask[:, :, idx], corner, crop)
+    coefs = _take(slab.coefs[:, :, idx, :n_coef], corner, size).astype(np.float32)
+    s0 = _take(slab.s0[:, :, idx], corner, size)
+    mask = _take(slab.mask[:, :, idx], corner, size)
 
     n_dirs = _log_uniform_int(*protocol.n_directions, rng)
     bvecs = uniform_shell(n_dirs, seed=int(rng.integers(2**31)))
@@ -162,7 +174,10 @@ def make_field_example(
     b0_volumes = np.stack([rician(s0, sigma, rng) for _ in range(n_b0)], axis=-1)
     b0 = b0_volumes.mean(axis=-1)
 
-    s0_ref = float(np.median(slab.s0[slab.mask])) if slab.mask.any() else 1.0
+    if small_field is None:
+        s0_ref = float(np.median(slab.s0[slab.mask])) if slab.mask.any() else 1.0
+    else:  # the scan is the square: its reference S0 is taken there, as the app does
+        s0_ref = reference_s0(b0, mask)
     features, _ = shell_features(
         noisy, b0, mask, bvecs, config, s0_ref=s0_ref, bval=slab.bval, n_b0=n_b0
     )
@@ -177,18 +192,26 @@ def make_field_example(
         estimated, _ = estimate_noise(data, table_b, table_g, mask if mask.any() else None)
         noise_rel = estimated / s0_ref
     scalars = scalar_values(slab.bval, n_dirs, n_b0, noise_rel)
-    condition = slice_condition(features, centre, context, scalars, config)
-    scales = coefficient_scales(config).astype(np.float32)
     centre_coefs = coefs[:, :, centre]
     if target == "rician-mean":
         centre_coefs = rician_mean_coefficients(centre_coefs, s0[:, :, centre], sigma, config)
     elif target != "clean":
         raise ValueError(f"target must be 'clean' or 'rician-mean', got {target!r}")
+    centre_mask = mask[:, :, centre].astype(np.float32)
+    if small_field is not None:  # the window the app runs the network on for this scan
+        rows, cols = _small_field_window(mask, size, crop)
+        features = mirrored_window(features, rows, cols)
+        centre_coefs = mirrored_window(centre_coefs, rows, cols)
+        inside = np.zeros((crop, crop), np.float32)
+        inside[-rows[0] : -rows[0] + size, -cols[0] : -cols[0] + size] = centre_mask
+        centre_mask = inside
+    condition = slice_condition(features, centre, context, scalars, config)
+    scales = coefficient_scales(config).astype(np.float32)
     target = np.moveaxis(centre_coefs * scales, -1, 0)
     return {
         "condition": condition,
         "target": np.ascontiguousarray(target, dtype=np.float32),
-        "mask": mask[:, :, centre].astype(np.float32),
+        "mask": centre_mask,
         "bval": float(slab.bval),
         "meta": {
             "slab": slab.name,
@@ -197,8 +220,19 @@ def make_field_example(
             "n_directions": n_dirs,
             "n_b0": n_b0,
             "snr": snr,
+            "field": size,
         },
     }
+
+
+def _small_field_window(mask: np.ndarray, size: int, crop: int) -> tuple:
+    """Return the app's network window (rows, cols) for a ``size`` square scan with this mask."""
+    windows = []
+    for axis in (0, 1):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo, hi = (present[0], present[-1] + 1) if present.size else (0, size)
+        windows.append(network_window(lo, hi, 0, size, min_size=crop))
+    return tuple(windows)
 
 
 def rician_mean(signal: np.ndarray, sigma: float) -> np.ndarray:

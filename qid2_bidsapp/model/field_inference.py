@@ -20,6 +20,8 @@ from torch import nn
 from .field_config import FieldConfig
 from .field_features import (
     evaluation_matrix,
+    mirrored_window,
+    network_window,
     reference_s0,
     scalar_values,
     shell_features,
@@ -42,15 +44,6 @@ from .sampler import ddim_step, make_scheduler
 #: Largest number of slices per batch chosen automatically (CPU, CUDA).
 CPU_MAX_SLICES = 4
 CUDA_MAX_SLICES = 64
-#: The training crop. A brain's crop shorter than half of it along an axis (a tiny field of
-#: view, such as dipy's 10 x 10 small_64D) runs on a window this long centred on the brain,
-#: the image mirrored outside its edges (`network_window`): the network was trained on 64 x 64
-#: views of tissue and its group-norm statistics change on tiny ones. Measured on small_64D
-#: (32 -> 64, candidate model): FA MAE 0.0515 on the bare 12 x 12 crop, 0.074 centred in
-#: zeros, 0.043 mirrored (DTI on the given directions: 0.034). On the 61-voxel-wide simulated
-#: brains the mirrored 64 window was 0.0001-0.0009 worse than the crop itself, hence the
-#: threshold at half.
-MIN_NETWORK_SIZE = 64
 
 
 def field_scheduler(config: FieldConfig):
@@ -123,44 +116,6 @@ def sample_coefficients(
             prediction_type="sample", clip_sample=False,
         )  # fmt: skip
     return x.reshape(b, k, c, h, w)
-
-
-def network_window(
-    lo: int, hi: int, start: int, stop: int, min_size: int = MIN_NETWORK_SIZE
-) -> tuple[int, int]:
-    """In-plane extent the network runs on along one axis (may reach outside the image).
-
-    Parameters
-    ----------
-    lo, hi : int
-        The brain mask's bounding box along the axis (``hi`` exclusive).
-    start, stop : int
-        The crop of `SliceGrid` (bounding box and margin, clamped to the image).
-    min_size : int
-        Smallest extent.
-
-    Returns
-    -------
-    tuple of int
-        ``(start, stop)``: the crop itself when it is at least half of `min_size`, otherwise
-        `min_size` voxels centred on the bounding box (outside the image the condition is
-        mirrored, see `MIN_NETWORK_SIZE`).
-
-    """
-    if stop - start >= min_size // 2:
-        return int(start), int(stop)
-    first = (int(lo) + int(hi) - int(min_size)) // 2
-    return first, first + int(min_size)
-
-
-def _window(array: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-    """``array[r0:r1, c0:c1]``, mirrored (``numpy.pad`` "symmetric") outside the image."""
-    (r0, r1), (c0, c1) = rows, cols
-    pad = [(max(0, -r0), max(0, r1 - array.shape[0])), (max(0, -c0), max(0, c1 - array.shape[1]))]
-    pad += [(0, 0)] * (array.ndim - 2)
-    padded = np.pad(array, pad, mode="symmetric")
-    a, b = r0 + pad[0][0], c0 + pad[1][0]
-    return padded[a : a + r1 - r0, b : b + c1 - c0]
 
 
 def auto_slice_batch(config: FieldConfig, height: int, width: int, k: int, device) -> int:
@@ -282,7 +237,7 @@ def synthesise_shell_field(
     box_cols = np.flatnonzero(inside.any(axis=(0, 2)))
     rows = network_window(box_rows[0], box_rows[-1] + 1, *grid.rows)
     cols = network_window(box_cols[0], box_cols[-1] + 1, *grid.cols)
-    crop = _window(features, rows, cols)
+    crop = mirrored_window(features, rows, cols)
     # the part of the window inside the image, in image and in window coordinates
     (r0, r1), (c0, c1) = (
         (max(rows[0], 0), min(rows[1], sig.shape[0])),

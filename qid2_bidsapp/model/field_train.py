@@ -89,6 +89,12 @@ class FieldTrainConfig:
         Extra weight of the per-voxel loss terms in white matter (true FA at least
         `WM_FA_THRESHOLD`): such a voxel counts ``1 + wm_weight`` times. 0 leaves the loss as
         it was.
+    small_field_fraction : float
+        Share of simulated examples that are tiny fields of view (`make_field_example`'s
+        ``small_field``): a square of `small_field_sizes` voxels inside the mirrored window
+        the app runs the network on for such scans. 0 (the default) draws none.
+    small_field_sizes : list of int
+        Smallest and largest side of those squares (inclusive; below ``crop // 2``).
     max_slabs : int
         Largest number of slabs held in memory.
     val_seed, n_val_slabs, n_val_examples : int
@@ -141,6 +147,8 @@ class FieldTrainConfig:
     fa_bias_split: float | None = None
     prior_relative: bool = False
     wm_weight: float = 0.0
+    small_field_fraction: float = 0.0
+    small_field_sizes: list = field(default_factory=lambda: [8, 31])
     max_slabs: int = 4000
     val_seed: int = 1
     n_val_slabs: int = 16
@@ -515,12 +523,22 @@ class FieldTrainer:
         ]  # fmt: skip
         return stack_real_examples(examples)
 
+    def _small_field(self) -> int | None:
+        """Side of a tiny-field example, or None (draws nothing when the share is 0)."""
+        if not self.config.small_field_fraction:
+            return None
+        if self.rng.uniform() >= self.config.small_field_fraction:
+            return None
+        low, high = self.config.small_field_sizes
+        return int(self.rng.integers(low, high + 1))
+
     def _batch(self, size: int | None = None) -> dict:
         slabs = self.pool.slabs
         examples = [
             make_field_example(
                 slabs[int(self.rng.integers(len(slabs)))], self.rng, self.model_config,
                 crop=self.config.crop, protocol=self.protocol, target=self.config.target,
+                small_field=self._small_field(),
             )
             for _ in range(self.config.batch_size if size is None else size)
         ]  # fmt: skip
@@ -828,6 +846,8 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "weight_decay": config["weight_decay"],
             "batch_size": config["batch_size"],
             "crop": config["crop"],
+            "small_field_fraction": float(config.get("small_field_fraction", 0.0)),
+            "small_field_sizes": config.get("small_field_sizes", [8, 31]),
         },
         "loss": {
             "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|"
