@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
 
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_int = signal.signal(signal.SIGINT, _raise_interrupted)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_stop_unraisable(previous_hook)
     _TERM_REQUESTED[0] = False
     # a log file on a full or vanished disk must not print "--- Logging error ---" tracebacks
     logging.raiseExceptions = False
@@ -508,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        sys.unraisablehook = previous_hook
 
 
 def _disk_full(disk: Path) -> Qid2Error:
@@ -521,20 +526,44 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so that the run stops like on Ctrl-C."""
 
 
-#: Set by the SIGTERM handler: an exception raised from a signal handler can be swallowed
-#: (it may land inside code whose exceptions Python ignores, e.g. a logging lock release), so
-#: the progress callback and the end of the run check this flag too.
-_TERM_REQUESTED = [False]
+#: Set by the SIGTERM / SIGINT handlers (``"term"`` / ``"int"``): an exception raised from a
+#: signal handler can be swallowed (it may land inside code whose exceptions Python ignores,
+#: e.g. a logging lock release), so the progress callback and the end of the run check this
+#: flag too.
+_TERM_REQUESTED: list = [False]
 
 
 def _raise_terminated(signum, frame) -> None:
-    _TERM_REQUESTED[0] = True
+    _TERM_REQUESTED[0] = "term"
     raise _Terminated()
 
 
+def _raise_interrupted(signum, frame) -> None:
+    _TERM_REQUESTED[0] = _TERM_REQUESTED[0] or "int"
+    raise KeyboardInterrupt()
+
+
 def _check_terminated() -> None:
-    if _TERM_REQUESTED[0]:
+    if _TERM_REQUESTED[0] == "term":
         raise _Terminated()
+    if _TERM_REQUESTED[0]:
+        raise KeyboardInterrupt()
+
+
+def _quiet_stop_unraisable(hook):
+    """Wrap ``sys.unraisablehook`` to drop the exceptions of stop signals.
+
+    A stop signal's exception swallowed where Python ignores exceptions (a finaliser, a lock
+    release) is expected and handled by `_check_terminated`, so it must not print
+    "Exception ignored ... Traceback" on the user's terminal.
+    """
+
+    def quiet(unraisable) -> None:
+        if _TERM_REQUESTED[0] and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        hook(unraisable)
+
+    return quiet
 
 
 def _stop_workers() -> None:
