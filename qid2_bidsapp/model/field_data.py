@@ -20,10 +20,10 @@ from ..sim.protocol import uniform_shell
 from ..sim.slabs import CoefficientSlab
 from .field_config import FieldConfig
 from .field_features import (
+    brain_windows,
     coefficient_scales,
     context_indices,
     mirrored_window,
-    network_window,
     reference_s0,
     scalar_values,
     shell_features,
@@ -199,7 +199,8 @@ def make_field_example(
         raise ValueError(f"target must be 'clean' or 'rician-mean', got {target!r}")
     centre_mask = mask[:, :, centre].astype(np.float32)
     if small_field is not None:  # the window the app runs the network on for this scan
-        rows, cols = _small_field_window(mask, size, crop)
+        brain = mask if mask.any() else np.ones_like(mask)  # none: centre on the square
+        rows, cols = brain_windows(brain, ((0, size), (0, size)), min_size=crop)
         features = mirrored_window(features, rows, cols)
         centre_coefs = mirrored_window(centre_coefs, rows, cols)
         inside = np.zeros((crop, crop), np.float32)
@@ -223,16 +224,6 @@ def make_field_example(
             "field": size,
         },
     }
-
-
-def _small_field_window(mask: np.ndarray, size: int, crop: int) -> tuple:
-    """Return the app's network window (rows, cols) for a ``size`` square scan with this mask."""
-    windows = []
-    for axis in (0, 1):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        lo, hi = (present[0], present[-1] + 1) if present.size else (0, size)
-        windows.append(network_window(lo, hi, 0, size, min_size=crop))
-    return tuple(windows)
 
 
 def rician_mean(signal: np.ndarray, sigma: float) -> np.ndarray:

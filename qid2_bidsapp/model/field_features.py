@@ -479,6 +479,36 @@ def network_window(
     return first, first + int(min_size)
 
 
+def brain_windows(
+    mask: np.ndarray, crops: tuple, min_size: int = MIN_NETWORK_SIZE
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """In-plane windows (rows, cols) the network runs on for a brain mask (`network_window`).
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (H, W, Z)
+        Brain mask, slices last (not empty).
+    crops : tuple of tuple of int
+        ``((row_start, row_stop), (col_start, col_stop))``: the in-plane crop the slices are
+        cut to (`SliceGrid`; the whole image for a tiny scan).
+    min_size : int
+        Smallest extent.
+
+    Returns
+    -------
+    tuple of tuple of int
+        ``(rows, cols)``, each ``(start, stop)``; may reach outside the image.
+
+    """
+    windows = []
+    for axis, crop in zip((0, 1), crops, strict=True):
+        present = np.flatnonzero(
+            np.asarray(mask).any(axis=tuple(a for a in (0, 1, 2) if a != axis))
+        )
+        windows.append(network_window(present[0], present[-1] + 1, *crop, min_size=min_size))
+    return windows[0], windows[1]
+
+
 def mirrored_window(array: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
     """``array[r0:r1, c0:c1]``, mirrored (``numpy.pad`` "symmetric") outside the image.
 

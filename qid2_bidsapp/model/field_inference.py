@@ -19,9 +19,9 @@ from torch import nn
 
 from .field_config import FieldConfig
 from .field_features import (
+    brain_windows,
     evaluation_matrix,
     mirrored_window,
-    network_window,
     reference_s0,
     scalar_values,
     shell_features,
@@ -233,10 +233,7 @@ def synthesise_shell_field(
     grid = SliceGrid.from_mask(inside, margin)
     if grid.slices.size == 0 or n_targets == 0:
         return mean, std, int(batch_size or 1)
-    box_rows = np.flatnonzero(inside.any(axis=(1, 2)))
-    box_cols = np.flatnonzero(inside.any(axis=(0, 2)))
-    rows = network_window(box_rows[0], box_rows[-1] + 1, *grid.rows)
-    cols = network_window(box_cols[0], box_cols[-1] + 1, *grid.cols)
+    rows, cols = brain_windows(inside, (grid.rows, grid.cols))
     crop = mirrored_window(features, rows, cols)
     # the part of the window inside the image, in image and in window coordinates
     (r0, r1), (c0, c1) = (
