@@ -329,20 +329,27 @@ def test_example_is_built_like_inference():
     np.testing.assert_allclose(order2[:, m], clean["target"][:6][:, m], atol=0.05)
 
 
-def test_tiny_training_lowers_the_loss(tmp_path):
-    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+def _slab_folders(tmp_path, train_seeds=(0,), val_seed=9):
+    """Write training slabs (one per seed) and a one-slab validation set; return the folders."""
     from qid2_bidsapp.sim.slabs import write_slab
 
     slabs = tmp_path / "slabs"
     slabs.mkdir()
-    for k in range(3):
-        write_slab(tensor_coefficient_slab(k), slabs / f"slab-0-{k:06d}.npz")
+    for k, seed in enumerate(train_seeds):
+        write_slab(tensor_coefficient_slab(seed), slabs / f"slab-0-{k:06d}.npz")
     val = tmp_path / "run" / "val_slabs"
     val.mkdir(parents=True)
-    write_slab(tensor_coefficient_slab(9), val / "slab-1-000000.npz")
+    write_slab(tensor_coefficient_slab(val_seed), val / "slab-1-000000.npz")
+    return slabs, tmp_path / "run"
+
+
+def test_tiny_training_lowers_the_loss(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+
+    slabs, run = _slab_folders(tmp_path, (0, 1, 2))
     config = FieldTrainConfig(
         slabs=str(slabs),
-        output=str(tmp_path / "run"),
+        output=str(run),
         model=FieldConfig.tiny().to_dict(),
         batch_size=4,
         crop=16,
@@ -413,15 +420,8 @@ def test_qid2_train_trains_and_exports_a_field_model(tmp_path):
 
     from qid2_bidsapp.cli.train import main as train_main
     from qid2_bidsapp.model.checkpoint import load_model
-    from qid2_bidsapp.sim.slabs import write_slab
 
-    slabs = tmp_path / "slabs"
-    slabs.mkdir()
-    for k in range(2):
-        write_slab(tensor_coefficient_slab(k), slabs / f"slab-0-{k:06d}.npz")
-    val = tmp_path / "run" / "val_slabs"
-    val.mkdir(parents=True)
-    write_slab(tensor_coefficient_slab(7), val / "slab-1-000000.npz")
+    _slab_folders(tmp_path, (0, 1), val_seed=7)
     config = {
         "kind": "sh-field",
         "name": "tiny-field",
@@ -553,18 +553,12 @@ def test_summary_model_engine_is_symmetric_and_order_independent(shell, tmp_path
 def test_fine_tune_adds_the_summary_maps_to_a_model_without_them(tmp_path):
     from qid2_bidsapp.model.field_network import INPUT_CONV_WEIGHT
     from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
-    from qid2_bidsapp.sim.slabs import write_slab
 
-    slabs = tmp_path / "slabs"
-    slabs.mkdir()
-    write_slab(tensor_coefficient_slab(0), slabs / "slab-0-000000.npz")
-    val = tmp_path / "run" / "val_slabs"
-    val.mkdir(parents=True)
-    write_slab(tensor_coefficient_slab(9), val / "slab-1-000000.npz")
+    slabs, run = _slab_folders(tmp_path)
     plain = save_tiny_field_model(tmp_path / "plain", prior="dti")
     wide = FieldConfig.tiny(prior="dti", summary_input=True)
     config = FieldTrainConfig(
-        slabs=str(slabs), output=str(tmp_path / "run"), model=wide.to_dict(), batch_size=2,
+        slabs=str(slabs), output=str(run), model=wide.to_dict(), batch_size=2,
         crop=16, steps=2, n_val_slabs=1, n_val_examples=2, num_threads=1,
         init_weights=str(plain), prior_relative=True, fa_bias_weight=8.0, fa_bias_split=0.3,
     )  # fmt: skip
@@ -680,16 +674,10 @@ def test_small_field_example_is_the_mirrored_window_the_app_runs_on():
 
 def test_trainer_draws_small_fields_only_when_asked(tmp_path):
     from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
-    from qid2_bidsapp.sim.slabs import write_slab
 
-    slabs = tmp_path / "slabs"
-    slabs.mkdir()
-    write_slab(tensor_coefficient_slab(0), slabs / "slab-0-000000.npz")
-    val = tmp_path / "run" / "val_slabs"
-    val.mkdir(parents=True)
-    write_slab(tensor_coefficient_slab(9), val / "slab-1-000000.npz")
+    slabs, run = _slab_folders(tmp_path)
     base = dict(
-        slabs=str(slabs), output=str(tmp_path / "run"), model=FieldConfig.tiny().to_dict(),
+        slabs=str(slabs), output=str(run), model=FieldConfig.tiny().to_dict(),
         batch_size=8, crop=16, n_val_slabs=1, n_val_examples=2, num_threads=1,
     )  # fmt: skip
 
