@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_int = signal.signal(signal.SIGINT, _raise_interrupted)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _quiet_stop_unraisable(previous_hook)
-    _TERM_REQUESTED[0] = False
+    _STOP_REQUESTED[0] = False
     # a log file on a full or vanished disk must not print "--- Logging error ---" tracebacks
     logging.raiseExceptions = False
     try:
@@ -530,23 +530,23 @@ class _Terminated(KeyboardInterrupt):
 #: signal handler can be swallowed (it may land inside code whose exceptions Python ignores,
 #: e.g. a logging lock release), so the progress callback and the end of the run check this
 #: flag too.
-_TERM_REQUESTED: list = [False]
+_STOP_REQUESTED: list = [False]
 
 
 def _raise_terminated(signum, frame) -> None:
-    _TERM_REQUESTED[0] = "term"
+    _STOP_REQUESTED[0] = "term"
     raise _Terminated()
 
 
 def _raise_interrupted(signum, frame) -> None:
-    _TERM_REQUESTED[0] = _TERM_REQUESTED[0] or "int"
+    _STOP_REQUESTED[0] = _STOP_REQUESTED[0] or "int"
     raise KeyboardInterrupt()
 
 
 def _check_terminated() -> None:
-    if _TERM_REQUESTED[0] == "term":
+    if _STOP_REQUESTED[0] == "term":
         raise _Terminated()
-    if _TERM_REQUESTED[0]:
+    if _STOP_REQUESTED[0]:
         raise KeyboardInterrupt()
 
 
@@ -559,7 +559,7 @@ def _quiet_stop_unraisable(hook):
     """
 
     def quiet(unraisable) -> None:
-        if _TERM_REQUESTED[0] and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if _STOP_REQUESTED[0] and isinstance(unraisable.exc_value, KeyboardInterrupt):
             return
         hook(unraisable)
 
