@@ -45,6 +45,57 @@ def test_noise_is_measured_in_signal_units(n_b0, method, tolerance):
     assert scaled == pytest.approx(1e3 * sigma, rel=1e-6)
 
 
+def test_noise_ignores_voxels_where_the_tensor_fit_diverges():
+    """A few voxels with near-zero diffusion-weighted signal (CSF at high b, dropouts) make the
+    log-linear fit diverge there; the median over voxels keeps the estimate on the noise."""
+    noisy, _, bvals, bvecs, brain = _scan(1)
+    rng = np.random.default_rng(3)
+    inside = np.argwhere(brain)
+    bad = inside[rng.choice(len(inside), len(inside) // 20, replace=False)]
+    for x, y, z in bad:  # 5 % of the brain: three volumes read (almost) nothing
+        noisy[x, y, z, rng.choice(np.arange(1, 31), 3, replace=False)] = 1e-3
+    sigma, used = estimate_noise(noisy, bvals, bvecs, brain)
+    assert used == "tensor residual"
+    assert sigma == pytest.approx(SIGMA, rel=0.25)
+
+
+def test_noise_of_a_b0_repeat_with_motion_stays_on_the_noise():
+    noisy, _, bvals, bvecs, brain = _scan(4)
+    moved = noisy.copy()
+    moved[..., 3] = np.roll(noisy[..., 3], 2, axis=0)  # one b=0 volume shifted by 2 voxels
+    sigma, used = estimate_noise(moved, bvals, bvecs, brain)
+    assert used == "b0 repeats"
+    assert sigma < 2 * SIGMA
+
+
+def test_noise_of_real_scans_does_not_depend_on_the_directions_used(real_bids):
+    """On every run of bids-real (one b=0 each), half the directions give the σ of all of them
+    (the mean squared tensor residual used before 2026-12-06 gave 10^3-10^50 times it)."""
+    import nibabel as nib
+
+    from qid2_bidsapp.upsampling import brain_mask
+
+    runs = sorted(real_bids.glob("sub-*/**/dwi/*_dwi.nii.gz"))
+    assert len(runs) == 10
+    rng = np.random.default_rng(0)
+    for run in runs:
+        data = np.asarray(nib.load(run).dataobj, dtype=np.float32)
+        stem = str(run)[: -len(".nii.gz")]
+        bvals = np.loadtxt(stem + ".bval")
+        bvecs = np.loadtxt(stem + ".bvec").T
+        b0 = data[..., bvals <= 50].mean(axis=-1)
+        brain = brain_mask(b0)
+        full, _ = estimate_noise(data, bvals, bvecs, brain)
+        weighted = np.flatnonzero(bvals > 50)
+        half = np.r_[
+            np.flatnonzero(bvals <= 50), rng.choice(weighted, len(weighted) // 2, replace=False)
+        ]
+        part, _ = estimate_noise(data[..., half], bvals[half], bvecs[half], brain)
+        assert part == pytest.approx(full, rel=0.25), run.name
+        snr = float(np.median(b0[brain])) / full
+        assert 10 < snr < 200, (run.name, snr)
+
+
 def test_noise_floor_is_what_the_truth_scores():
     noisy, clean, bvals, bvecs, brain = _scan(4)
     hidden = noisy[..., -5:]
