@@ -133,6 +133,28 @@ def test_untrained_network_returns_the_prior():
         net(x[..., :15], cond[..., :15], torch.tensor([0, 1]))
 
 
+def test_keep_prior_mean_leaves_only_the_mean_signal_to_the_prior():
+    from qid2_bidsapp.model.field_network import ShFieldNetwork
+
+    cfg = dataclasses.replace(FieldConfig.tiny(), keep_prior_mean=True)
+    torch.manual_seed(0)
+    net = ShFieldNetwork(cfg).eval()
+    with torch.no_grad():  # a trained-like network: a non-zero correction everywhere
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = torch.randn(2, cfg.condition_channels, 16, 16)
+    x = torch.randn(2, cfg.n_coefficients, 16, 16)
+    out = net(x, cond, torch.tensor([0, 50]))
+    prior = cond[:, net.prior_channels]
+    torch.testing.assert_close(out[:, 0], prior[:, 0])  # order 0: the prior's, exactly
+    assert (out[:, 1:] - prior[:, 1:]).abs().min(dim=1).values.mean() > 1e-4
+    plain = ShFieldNetwork(dataclasses.replace(cfg, keep_prior_mean=False)).eval()
+    plain.load_state_dict(net.state_dict())  # same weights (the mask is no parameter)
+    changed = plain(x, cond, torch.tensor([0, 50]))
+    assert (changed[:, 0] - prior[:, 0]).abs().max() > 1e-4
+    torch.testing.assert_close(changed[:, 1:], out[:, 1:])
+
+
 def test_tensor_fa_matches_dipy_on_a_tensor_field():
     from dipy.reconst.dti import fractional_anisotropy
 

@@ -82,6 +82,12 @@ class FieldConfig:
         anisotropy over the brain voxels of the slice and its context slices
         (`field_features.window_summary`), so that it can tell a brain's anisotropy level
         from the population's rather than pulling every brain towards the training mean.
+    keep_prior_mean : bool
+        Keep the prior's order-0 coefficient (the shell's mean signal, which the acquired
+        directions measure to within their noise averaged over all of them): the network then
+        changes only the angular shape (orders >= 2), and the merged data keep the mean
+        diffusivity of DTI on the acquired directions. Applied in the network's forward pass,
+        so training and inference agree.
     sampler_defaults : dict
         ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples`` and ``t_start``.
     version : str
@@ -105,6 +111,7 @@ class FieldConfig:
     prior: str = "sh"
     noise_input: bool = False
     summary_input: bool = False
+    keep_prior_mean: bool = False
     sampler_defaults: dict = field(
         default_factory=lambda: json.loads(json.dumps(DEFAULT_FIELD_SAMPLER))
     )

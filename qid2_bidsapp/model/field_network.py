@@ -4,7 +4,9 @@ Input: the noisy model-space SH coefficients ``x_t`` of the slice (C channels) c
 with the condition (`field_features.slice_condition`: the features of the slice and its
 neighbours, and constant maps); output: the clean coefficients, as the prior (the regularised
 fit of the centre slice, part of the condition) plus a correction. MONAI zero-initialises the
-output convolution, so an untrained network returns the prior exactly.
+output convolution, so an untrained network returns the prior exactly. With
+``keep_prior_mean`` the correction of the order-0 coefficient is zero: the output keeps the
+prior's mean signal.
 
 The output is a set of SH coefficients: its signal is antipodally symmetric by construction,
 and the inputs are fits of the acquired directions, so the result does not depend on the
@@ -64,6 +66,10 @@ class ShFieldNetwork(nn.Module):
         per_slice = config.features_per_slice
         start = config.context_slices * per_slice + config.prior_offset  # the centre slice's
         self.prior_channels = slice(start, start + config.n_coefficients)
+        correction = torch.ones(1, config.n_coefficients, 1, 1)
+        if config.keep_prior_mean:
+            correction[:, 0] = 0.0  # the order-0 coefficient: the shell's mean signal
+        self.register_buffer("correction_weights", correction, persistent=False)
         set_fused_attention(self, fused_attention)
 
     def forward(
@@ -108,6 +114,8 @@ class ShFieldNetwork(nn.Module):
         if h % m or w % m:
             raise ValueError(f"H and W must be multiples of {m}, got {h}x{w}: use pad_to_multiple")
         out = self.unet(torch.cat([x_noisy, condition], dim=1), timesteps)
+        if cfg.keep_prior_mean:
+            out = out * self.correction_weights.to(out.dtype)
         return condition[:, self.prior_channels].to(out.dtype) + out
 
 

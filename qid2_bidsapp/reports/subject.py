@@ -62,7 +62,7 @@ QC_COLUMN_HELP: dict[str, str] = {
     "directions (the baseline)",
     "noise_sigma_rel": "noise standard deviation of the scan / median b=0 signal in the mask",
     "noise_method": "how the noise was measured: b0 repeats, or the tensor-fit residual "
-    "(an upper bound) when there is one b=0 volume",
+    "(model misfit counts as noise) when there is one b=0 volume; the median over the brain",
     "hidden_nrmse_floor": "self-check NRMSE a perfect prediction would score: the hidden "
     "volumes' own noise, σ / RMS(hidden signal)",
     "fa_change_upsampled": "mean (FA upsampled − FA acquired) in the mask, signed",
