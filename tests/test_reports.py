@@ -354,6 +354,37 @@ def test_small_field_of_view_is_flagged_for_the_diffusion_engine(tmp_path, fake_
     assert f"{note} 10×10×{SHAPE[2]} voxels" in html  # the phantom's disc, 10 voxels across
 
 
+def test_clean_scan_is_flagged_for_the_diffusion_engine(tmp_path, fake_output):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(
+        fake_output / "sub-02", out / "sub-02", ignore=shutil.ignore_patterns("figures")
+    )
+    sidecar = next((out / "sub-02" / "dwi").glob("*_desc-preproc_dwi.json"))
+    meta = json.loads(sidecar.read_text())
+    meta["UpsamplingEngine"] = "qid2"
+    sidecar.write_text(json.dumps(meta))
+    qc = next((out / "sub-02" / "dwi").glob("*_desc-qc_dwiqc.tsv"))
+    table = qc.read_text()
+    note = "This scan is clean"
+    assert note not in build_subject_report(out, "02").read_text()  # no noise column: no note
+
+    def with_noise(*values):
+        lines = table.splitlines()
+        col = lines[0].split("\t").index("noise_sigma_rel")
+        rows = [line.split("\t") for line in lines[1:]]
+        for row, value in zip(rows, values, strict=True):
+            row[col] = str(value)
+        qc.write_text("\n".join([lines[0]] + ["\t".join(r) for r in rows]) + "\n")
+
+    n_shells = len(table.splitlines()) - 1
+    with_noise(*[0.0125] * n_shells)  # S0/σ = 80 on every shell
+    assert f"{note} (S0/σ ≈ 80)" in build_subject_report(out, "02").read_text()
+    with_noise(*([0.0125] * (n_shells - 1) + [0.04]))  # one shell at 25: not clean
+    assert note not in build_subject_report(out, "02").read_text()
+
+
 def test_missing_gradient_table_raises(tmp_path, fake_output):
     import shutil
 
