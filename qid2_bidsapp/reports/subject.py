@@ -865,10 +865,11 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
     if snr is not None and engine.startswith("qid2"):
         run.notes.append(
             f"This scan is clean (S0/σ ≈ {snr:.0f}). On scans this clean the diffusion engine "
-            "gains little and can lose: it was measured between 5 % better and 11 % worse than "
-            "DTI on the acquired directions alone on real scans with S0/σ of 75-78, and 1-11 % "
-            "worse on simulated brains at SNR 80 (docs/results.md). Compare the FA maps before "
-            "and after up-sampling; the acquired-only FA may be the better one here."
+            "gains little and can lose: given half the directions of real scans with S0/σ of "
+            "75-78, it was between 5 % better and 11 % worse than DTI on those directions "
+            "alone, and 1-11 % worse on simulated brains at SNR 80 (docs/results.md). Compare "
+            "the FA maps before and after up-sampling; the acquired-only FA may be the better "
+            "one here."
         )
     acq = np.asarray(run.acquired, dtype=int)
     return {
