@@ -586,6 +586,7 @@ def _qc_table(files: RunFiles) -> dict | None:
     return {
         "path": path.name,
         "trust": [_trust_rows(r) for r in rows],
+        "clean_snr": _clean_scan_snr(rows),
         "shells": [format_value(r.get("shell")) for r in rows],
         "rows": [
             {
@@ -598,20 +599,19 @@ def _qc_table(files: RunFiles) -> dict | None:
     }
 
 
-def _clean_scan_snr(files: RunFiles) -> float | None:
-    """Return the run's S0/σ if at least `trust.CLEAN_SCAN_SNR` (QC table), else None."""
+def _number(row: dict[str, str], key: str) -> float:
+    """Return a QC table cell as a float (NaN when missing or not a number)."""
+    try:
+        return float(row.get(key, "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def _clean_scan_snr(rows: list[dict[str, str]]) -> float | None:
+    """Return the run's S0/σ if at least `trust.CLEAN_SCAN_SNR` (QC table rows), else None."""
     from ..trust import CLEAN_SCAN_SNR
 
-    path = files.sibling("_desc-qc_dwiqc.tsv")
-    if not path.is_file():
-        return None
-    values = []
-    for row in read_tsv(path)[1]:
-        try:
-            values.append(float(row.get("noise_sigma_rel", "nan")))
-        except ValueError:
-            continue
-    values = [v for v in values if v > 0]  # NaN compares False
+    values = [v for v in (_number(r, "noise_sigma_rel") for r in rows) if v > 0]  # not NaN
     if not values:
         return None
     snr = 1.0 / max(values)  # the noisiest shell's S0/σ: clean only if every shell is
@@ -622,17 +622,11 @@ def _trust_rows(row: dict[str, str]) -> dict:
     """Recompute the trust checks of one shell from its QC row (`trust.trust_checks`)."""
     from ..trust import trust_checks
 
-    def number(key):
-        try:
-            return float(row.get(key, "nan"))
-        except ValueError:
-            return float("nan")
-
     verdict, checks = trust_checks(
-        hidden_nrmse=number("hidden_nrmse"),
-        noise_floor=number("hidden_nrmse_floor"),
-        sh_nrmse=number("hidden_nrmse_sh"),
-        fa_change=number("fa_change_upsampled"),
+        hidden_nrmse=_number(row, "hidden_nrmse"),
+        noise_floor=_number(row, "hidden_nrmse_floor"),
+        sh_nrmse=_number(row, "hidden_nrmse_sh"),
+        fa_change=_number(row, "fa_change_upsampled"),
     )
     for check in checks:
         value = check["value"]
@@ -861,7 +855,7 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
     if qc is None:
         run.notes.append("The QC table (_desc-qc_dwiqc.tsv) is missing.")
     engine = str(run.sidecar.get("UpsamplingEngine") or "unknown")
-    snr = _clean_scan_snr(files)
+    snr = qc["clean_snr"] if qc is not None else None
     if snr is not None and engine.startswith("qid2"):
         run.notes.append(
             f"This scan is clean (S0/σ ≈ {snr:.0f}). On scans this clean the diffusion engine "
