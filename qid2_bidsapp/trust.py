@@ -65,7 +65,8 @@ def estimate_noise(
     The median makes the estimate robust to the voxels where the residual is not noise: motion
     between b=0 volumes, signal dropouts, and log-linear tensor fits that diverge where the
     diffusion-weighted signal is near zero (the mean of the squared residual used before
-    2026-12-06 was 10^3 to 10^50 times too large on 7 of the 10 runs of ``bids-real``).
+    2026-12-06 was 350 to 10^52 times too large on 3 of the 10 runs of ``bids-real`` from all
+    their volumes, and up to 10^49 times from half their directions).
 
     Parameters
     ----------
