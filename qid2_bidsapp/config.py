@@ -36,6 +36,7 @@ class Config:
     sampler_t_start: int | str | None = None
     temperature: float = 1.0
     n_samples: int | None = None
+    symmetries: int | None = None
     device: str = "auto"
     batch_size: int | None = None
     work_dir: Path = Path("work")
@@ -79,6 +80,7 @@ class Config:
             "t_start": self.sampler_t_start,
             "temperature": self.temperature,
             "n_samples": self.n_samples,
+            "symmetries": self.symmetries,
             "seed": self.random_seed,
             "device": self.device,
             "batch_size": self.batch_size,

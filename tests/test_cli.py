@@ -107,7 +107,7 @@ def test_usage_docs_are_generated_from_parser():
 
 
 def test_sampler_help_quotes_the_shipped_models_defaults():
-    """The --sampler-steps / --n-samples help names the shipped model's sampler_defaults."""
+    """The --sampler-steps / --n-samples / --symmetries help names the shipped model's defaults."""
     import json
 
     config = REPO / "models" / "qid2-default" / "config.json"
@@ -115,7 +115,11 @@ def test_sampler_help_quotes_the_shipped_models_defaults():
         pytest.skip(f"{config} is absent (no shipped model in this checkout)")
     defaults = json.loads(config.read_text())["model"]["sampler_defaults"]
     actions = {a.dest: a.help for a in _build_parser()._actions}
-    for dest, key in (("sampler_steps", "n_steps"), ("n_samples", "n_samples")):
+    for dest, key in (
+        ("sampler_steps", "n_steps"),
+        ("n_samples", "n_samples"),
+        ("symmetries", "symmetries"),
+    ):
         expected = (
             f"(shipped model: {defaults['cuda'][key]} on a GPU, {defaults['cpu'][key]} on the CPU)"
         )

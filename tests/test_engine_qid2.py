@@ -191,6 +191,7 @@ def test_settings_are_provenance(tiny_model, volume):
         "temperature": 1.0,
         "n_samples": 3,
         "eta": 0.0,
+        "symmetries": 1,  # per-target models run the slice as it is
     }
     assert settings["device"] == "cpu" and settings["precision"] == "float32"
     assert settings["batch_size"] == settings["batch_size_used"] == 3

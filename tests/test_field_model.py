@@ -53,7 +53,7 @@ def untrained_field_model(tmp_path_factory):
 def _engine(folder, **options):
     from qid2_bidsapp.engines.base import get_engine
 
-    settings = {"device": "cpu", "n_steps": 2, "n_samples": 2, "seed": 3}
+    settings = {"device": "cpu", "n_steps": 2, "n_samples": 2, "seed": 3, "symmetries": 1}
     settings.update(options)
     return get_engine("qid2", model_dir=str(folder), **settings)
 

@@ -22,6 +22,7 @@ VARIANT_KEYS = {
     "t_start": ("t_start", lambda v: "noise" if v.lower() == "noise" else int(v)),
     "temperature": ("temperature", float),
     "samples": ("n_samples", int),
+    "symmetries": ("symmetries", int),
     "eta": ("eta", float),
     "adapt": ("adapt_steps", int),
     "adapt_lr": ("adapt_lr", float),
@@ -184,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="default: the model's setting for the device, as in the app",
     )
+    meth.add_argument(
+        "--symmetries",
+        type=int,
+        choices=[1, 2, 4, 8],
+        metavar="S",
+        help="mirrored copies of each slice averaged; default: the model's setting, as in the app",
+    )
     meth.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     meth.add_argument("--batch-size", type=_positive_int, metavar="N")
     meth.add_argument(
@@ -193,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME:KEY=V,...",
         help="extra qid2 method 'qid2-NAME' with other sampler settings, e.g. "
-        "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, eta, adapt = "
-        "--adapt-steps, adapt_lr); repeatable",
+        "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, symmetries, eta, "
+        "adapt = --adapt-steps, adapt_lr); repeatable",
     )
     meth.add_argument("--sh-order", type=int, help="fixed SH order of 'sh' (default: auto)")
     meth.add_argument("--sh-lambda", type=float, default=0.006, help="regularisation of 'sh'")
@@ -273,6 +281,7 @@ def _qid2_methods(args: argparse.Namespace, notes: list[str]) -> list:
         "t_start": args.sampler_t_start,
         "temperature": args.temperature,
         "n_samples": args.n_samples,
+        "symmetries": args.symmetries,
         "device": args.device,
         "seed": args.seed,
     }

@@ -222,6 +222,7 @@ def build_qid2_engine(**options) -> Qid2Upsampler:
         "temperature",
         "n_samples",
         "eta",
+        "symmetries",
         "seed",
         "device",
         "batch_size",
@@ -320,6 +321,10 @@ class Qid2Upsampler:
         sampling it (`model.adapt`; 0: none). Each shell starts from the loaded weights.
     adapt_lr : float
         Learning rate of that fine-tune.
+    symmetries : int, optional
+        SH-field models: the K samples are drawn on this many mirrored copies
+        of each slice (1, 2, 4 or 8; `model.plane_symmetry`) and mapped back; default: the
+        model's setting for the device (1 when it has none). Per-target models: 1 only.
 
     Raises
     ------
@@ -350,6 +355,7 @@ class Qid2Upsampler:
         affine=None,
         adapt_steps: int = 0,
         adapt_lr: float = 1e-4,
+        symmetries: int | None = None,
     ):
         from ..model.adapt import AdaptSettings
         from ..model.checkpoint import load_model
@@ -383,8 +389,11 @@ class Qid2Upsampler:
             temperature=float(temperature),
             n_samples=int(defaults["n_samples"] if n_samples is None else n_samples),
             eta=float(eta),
+            symmetries=int(defaults.get("symmetries", 1) if symmetries is None else symmetries),
         )
         self.sampler_settings.check_against(self.config)
+        if self.kind == PER_TARGET_KIND and self.sampler_settings.symmetries != 1:
+            raise ValueError("symmetries other than 1 need an SH-field model")
         t_start = self.sampler_settings.t_start
         if self.kind != PER_TARGET_KIND and adapt_steps:
             raise ValueError("adapt_steps is only available for per-target QID² models")
@@ -640,9 +649,9 @@ class Qid2Upsampler:
         -------
         dict
             ``model_id``, ``model_sha256``, ``model_dir``, ``sampler`` (n_steps, t_start,
-            temperature, n_samples, eta), ``seed``, ``device`` (requested, and the one used
-            once a prediction ran), ``amp`` and ``precision`` (float32, or the autocast dtype
-            in use on CUDA),
+            temperature, n_samples, eta, symmetries), ``seed``, ``device`` (requested, and the
+            one used once a prediction ran), ``amp`` and ``precision`` (float32, or the
+            autocast dtype in use on CUDA),
             ``batch_size`` (requested, and the last one used), ``slice_axis``, ``prior``.
 
         """

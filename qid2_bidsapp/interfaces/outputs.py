@@ -280,10 +280,16 @@ def uncertainty_sidecar(dwi_info: dict) -> dict:
     """
     sampler = dwi_info.get("SamplerSettings") or {}
     k = sampler.get("n_samples")
+    s = int(sampler.get("symmetries") or 1)
+    drawn = f"{k if k else 'K'} samples"
+    if s > 1:
+        total = k * s if k else f"K x {s}"
+        drawn = f"{total} predictions ({k if k else 'K'} sample(s) on each of {s} mirrored copies "
+        drawn += "of each slice, mapped back)"
     return {
         "Description": (
             "Uncertainty of the synthesised DWI volumes: per-voxel standard deviation of the "
-            f"{k if k else 'K'} samples of the diffusion model, in the units of the DWI signal; "
+            f"diffusion model's {drawn}, in the units of the DWI signal; "
             "0 outside the brain mask (where the synthesised signal is the SH prediction). "
             "Volume i belongs to volume VolumeIndices[i] of the merged DWI."
         ),

@@ -21,10 +21,13 @@ from .config import SCHEDULES
 #: The model kind written in config.json (the per-target QID² model has no ``kind`` field).
 FIELD_KIND = "sh-field"
 FIELD_CONFIG_VERSION = "1.0"
-#: Sampler defaults per device kind: DDIM steps, samples K and the truncated start.
+#: Sampler defaults per device kind: DDIM steps, samples K, the truncated start and the
+#: symmetries of the slice plane averaged (`plane_symmetry`). On the CPU one step of one sample
+#: on four mirrored copies costs what two steps of two samples did and is more accurate
+#: (docs/results.md, 2026-12-06 night); the GPU setting costs the same 16 passes as before.
 DEFAULT_FIELD_SAMPLER = {
-    "cpu": {"n_steps": 2, "n_samples": 2, "t_start": 100},
-    "cuda": {"n_steps": 4, "n_samples": 4, "t_start": 100},
+    "cpu": {"n_steps": 1, "n_samples": 1, "t_start": 100, "symmetries": 4},
+    "cuda": {"n_steps": 2, "n_samples": 2, "t_start": 100, "symmetries": 4},
 }
 #: Features per slice: order-2 least-squares fit (6), regularised fit (28 at order 6),
 #: relative S0, mask; `FieldConfig.features_per_slice` computes it for other orders.
@@ -89,7 +92,8 @@ class FieldConfig:
         diffusivity of DTI on the acquired directions. Applied in the network's forward pass,
         so training and inference agree.
     sampler_defaults : dict
-        ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples`` and ``t_start``.
+        ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples``, ``t_start`` and,
+        optionally, ``symmetries`` (default 1).
     version : str
         Layout version.
 
@@ -225,18 +229,25 @@ class FieldConfig:
                 f"max_timestep must be in 0..{self.num_train_timesteps - 1}, "
                 f"got {self.max_timestep}"
             )
+        from .plane_symmetry import check_symmetry_count  # (it imports this module)
+
         for kind in ("cpu", "cuda"):
             values = self.sampler_defaults.get(kind)
-            if not isinstance(values, dict) or set(values) != {"n_steps", "n_samples", "t_start"}:
+            required = {"n_steps", "n_samples", "t_start"}
+            if not isinstance(values, dict) or not required <= set(values) <= {
+                *required,
+                "symmetries",
+            }:
                 raise ValueError(
-                    f"sampler_defaults must give n_steps, n_samples and t_start for {kind!r}, "
-                    f"got {values!r}"
+                    f"sampler_defaults must give n_steps, n_samples and t_start (and may give "
+                    f"symmetries) for {kind!r}, got {values!r}"
                 )
             if (
                 any(int(v) != v or v < 0 for v in values.values())
                 or min(values["n_steps"], values["n_samples"]) < 1
             ):
                 raise ValueError(f"sampler_defaults[{kind!r}] must be positive integers")
+            check_symmetry_count(values.get("symmetries", 1))
 
     # ------------------------------------------------------------------ presets
 

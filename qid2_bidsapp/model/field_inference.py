@@ -4,7 +4,9 @@ For each slice of the brain's bounding box (slice axis last), the condition is b
 shell's features (`field_features`); the truncated DDIM chain starts from the prior (the
 regularised SH fit) noised to ``t_start`` and runs ``n_steps`` steps; K samples give the mean
 coefficients and, evaluated at the targets, the per-voxel standard deviation (uncertainty).
-Whatever the number of target directions, the network runs ``slices x steps x K`` times;
+With ``symmetries`` S > 1 the K samples are drawn on each of S mirrored copies
+of the slice (`plane_symmetry`) and mapped back; mean and std are over all K x S.
+Whatever the number of target directions, the network runs ``slices x steps x K x S`` times;
 the targets only cost a small matrix product per voxel.
 
 Seeding: slice s of a shell draws its noise from ``pair_generator(seed, round(b), s)``, so
@@ -39,6 +41,13 @@ from .inference import (
     run_pairs,
 )
 from .network import crop_pad, pad_to_multiple
+from .plane_symmetry import (
+    check_symmetry_count,
+    condition_matrix,
+    direction_matrix,
+    map_plane,
+    sh_symmetry_matrix,
+)
 from .sampler import ddim_step, make_scheduler
 
 #: Largest number of slices per batch chosen automatically (CPU, CUDA).
@@ -116,6 +125,38 @@ def sample_coefficients(
             prediction_type="sample", clip_sample=False,
         )  # fmt: skip
     return x.reshape(b, k, c, h, w)
+
+
+def symmetry_maps(config: FieldConfig, symmetries: int, device) -> list[tuple]:
+    """Channel maps of the first `symmetries` entries of `plane_symmetry.SYMMETRIES`.
+
+    Parameters
+    ----------
+    config : FieldConfig
+        The model configuration.
+    symmetries : int
+        1, 2, 4 or 8.
+    device : torch.device
+        Where the maps are used.
+
+    Returns
+    -------
+    list of (Tensor, Tensor)
+        Per symmetry: the map of the condition's channels into the mapped copy, shape
+        (condition_channels, condition_channels), and the map of the predicted coefficients
+        back, shape (C, C); float32.
+
+    """
+    out = []
+    for index in range(check_symmetry_count(symmetries)):
+        back = np.linalg.inv(sh_symmetry_matrix(direction_matrix(index), config.sh_order))
+        out.append(
+            tuple(
+                torch.as_tensor(m, dtype=torch.float32, device=device)
+                for m in (condition_matrix(config, index), back)
+            )
+        )
+    return out
 
 
 def auto_slice_batch(config: FieldConfig, height: int, width: int, k: int, device) -> int:
@@ -208,7 +249,8 @@ def synthesise_shell_field(
     mean : ndarray, shape (X, Y, Z, M), float32
         Predicted signal (>= 0), in the units of `signal`.
     std : ndarray, shape (X, Y, Z, M), float32
-        Standard deviation over the K samples (0 outside the mask and for K = 1).
+        Standard deviation over the K samples of every symmetry (0 outside the mask and
+        for K = S = 1).
     batch_size : int
         Slices per batch at the end.
 
@@ -252,18 +294,25 @@ def synthesise_shell_field(
     scalars = scalar_values(bval, len(bvecs_in), n_b0, noise_rel)
     shell_key = int(round(float(bval)))
     evaluate_t = torch.from_numpy(evaluate).to(device)
+    maps = symmetry_maps(config, settings.symmetries, device)
 
     def process(slices: list[int]) -> None:
         cond = np.stack(
             [slice_condition(crop, s, config.context_slices, scalars, config) for s in slices]
         )
-        cond_t, pad = pad_to_multiple(torch.from_numpy(cond).to(device), config.spatial_multiple)
+        cond = torch.from_numpy(cond).to(device)
         generators = [pair_generator(seed, shell_key, s) for s in slices]
-        samples = sample_coefficients(network, scheduler, cond_t, generators, settings, dtype=dtype)
-        samples = crop_pad(samples, pad)[..., inner[0], inner[1]]  # (B, K, C, h, w)
+        drawn = []  # (B, K, C, H, W) per symmetry, mapped back to the slice's own frame
+        for index, (to_copy, back) in enumerate(maps):
+            mapped = map_plane(torch.einsum("dc,bchw->bdhw", to_copy, cond), index)
+            cond_t, pad = pad_to_multiple(mapped, config.spatial_multiple)
+            out = sample_coefficients(network, scheduler, cond_t, generators, settings, dtype=dtype)
+            out = map_plane(crop_pad(out, pad), index)  # each mirror is its own inverse
+            drawn.append(torch.einsum("dc,bkchw->bkdhw", back, out))
+        samples = torch.cat(drawn, dim=1)[..., inner[0], inner[1]]  # (B, K x S, C, h, w)
         ratio = torch.einsum("mc,bkchw->bkhwm", evaluate_t, samples).clamp(min=0)
         mu = ratio.mean(dim=1).cpu().numpy()
-        sd = ratio.std(dim=1).cpu().numpy() if settings.n_samples > 1 else np.zeros_like(mu)
+        sd = ratio.std(dim=1).cpu().numpy() if samples.shape[1] > 1 else np.zeros_like(mu)
         for i, s in enumerate(slices):
             base, keep = s0[r0:r1, c0:c1, s], inside[r0:r1, c0:c1, s]
             mean_v[r0:r1, c0:c1, s][keep] = (mu[i] * base[..., None])[keep]

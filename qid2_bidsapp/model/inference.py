@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .plane_symmetry import check_symmetry_count
 from .sampler import Qid2Sampler, ddim_step
 
 Key = TypeVar("Key")
@@ -72,6 +73,10 @@ class SamplerSettings:
         K, samples per pair; their mean is the prediction and their std the uncertainty.
     eta : float
         DDIM stochasticity (0: deterministic given the initial noise).
+    symmetries : int
+        SH-field models only: the K samples are drawn on this many mirrored
+        copies of each slice (1, 2, 4 or 8; `plane_symmetry`), each mapped back; the mean
+        and std are over all of them. 1 runs the slice as it is.
 
     """
 
@@ -80,6 +85,7 @@ class SamplerSettings:
     temperature: float = 1.0
     n_samples: int = 4
     eta: float = 0.0
+    symmetries: int = 1
 
     def __post_init__(self) -> None:
         if int(self.n_steps) != self.n_steps or self.n_steps < 1:
@@ -96,6 +102,7 @@ class SamplerSettings:
             raise ValueError(f"n_samples must be a positive integer, got {self.n_samples}")
         if not (self.eta >= 0 and math.isfinite(self.eta)):
             raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        check_symmetry_count(self.symmetries)
 
     def check_against(self, config: ModelConfig) -> None:
         """Check the settings fit a model's noise schedule.

@@ -204,9 +204,15 @@ def _qid2_text(settings: dict, cite: _Citer) -> str:
     )
     where = "a GPU" if device.startswith("cuda") else "the CPU"
     mixed = f", {escape(str(precision))} precision" if precision and precision != "float32" else ""
+    symmetries = int(sampler.get("symmetries") or 1)
+    copies = (
+        f" on each of {symmetries} mirrored copies of the slice (mapped back, directions included)"
+        if symmetries > 1
+        else ""
+    )
     sampling = (
-        f"{escape(str(k))} sample(s) per slice were drawn with {escape(str(steps))} DDIM "
-        f"step(s){ddim_ref} {start}, temperature {escape(str(temp))}, on {where}{mixed}; "
+        f"{escape(str(k))} sample(s) per slice were drawn{copies} with {escape(str(steps))} "
+        f"DDIM step(s){ddim_ref} {start}, temperature {escape(str(temp))}, on {where}{mixed}; "
         "their mean was used and their standard deviation is given as an uncertainty map"
     )
     return (
