@@ -716,3 +716,19 @@ def test_trainer_draws_small_fields_only_when_asked(tmp_path):
     assert masks.shape == (8, 16, 16)
     assert max(extents(masks)) <= 7
     assert small.train_step()["loss"] > 0
+
+
+def test_trainer_mirrors_examples_only_when_asked(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+
+    slabs, run = _slab_folders(tmp_path)
+    base = dict(
+        slabs=str(slabs), output=str(run), model=FieldConfig.tiny().to_dict(),
+        batch_size=8, crop=16, n_val_slabs=1, n_val_examples=2, num_threads=1,
+    )  # fmt: skip
+    plain = FieldTrainer(FieldTrainConfig(**base), echo=lambda *_: None)
+    assert not any("mirror" in m for m in plain._batch()["meta"])
+    mirrored = FieldTrainer(FieldTrainConfig(**base, mirror_fraction=1.0), echo=lambda *_: None)
+    drawn = [m["mirror"] for m in mirrored._batch()["meta"]]
+    assert len(drawn) == 8 and min(drawn) >= 1 and max(drawn) <= 7 and len(set(drawn)) > 1
+    assert mirrored.train_step()["loss"] > 0

@@ -170,3 +170,52 @@ def test_model_default_symmetries_and_checks(tmp_path):
             )  # fmt: skip
     with pytest.raises(Qid2Error, match="symmetries"):
         get_engine("qid2", model_dir=str(folder), device="cpu", symmetries=5)
+
+
+def _real_shell(cfg):
+    from qid2_bidsapp.model.field_data import RealShell
+    from qid2_bidsapp.sim.protocol import uniform_shell
+
+    from .helpers import tensor_coefficient_slab
+
+    slab = tensor_coefficient_slab(2)
+    bvecs = uniform_shell(20, seed=3)
+    basis, _ = sh_basis_matrix(bvecs, cfg.sh_order)
+    data = slab.s0[..., None] * np.clip(slab.coefs.astype(np.float32) @ basis.T, 0, None)
+    return slab, RealShell(data, bvecs, slab.s0, 1, slab.mask, 1000.0, 0.0, "clean")
+
+
+@pytest.mark.parametrize("index", range(1, 8))
+def test_a_mirrored_training_example_is_the_same_signal_seen_in_a_mirror(index):
+    from qid2_bidsapp.model.field_data import (
+        make_field_example,
+        make_real_example,
+        stack_real_examples,
+    )
+    from qid2_bidsapp.model.field_features import evaluation_matrix
+    from qid2_bidsapp.model.field_network import ShFieldNetwork
+    from qid2_bidsapp.model.field_train import real_signal_loss
+    from qid2_bidsapp.model.plane_symmetry import mirror_example
+
+    cfg = FieldConfig.tiny()
+    slab, shell = _real_shell(cfg)
+    example = make_field_example(slab, np.random.default_rng(index), cfg, crop=16)
+    mirrored = mirror_example(example, index, cfg)
+    assert mirrored["meta"]["mirror"] == index and "mirror" not in example["meta"]
+    g = hemisphere_directions(10, seed=4)
+    at = evaluation_matrix(g, cfg)
+    at_mirrored = evaluation_matrix(g @ direction_matrix(index).T, cfg)
+    prior = ShFieldNetwork(cfg).prior_channels
+    for key, channels in (("target", slice(None)), ("condition", prior)):
+        seen = np.einsum("mc,chw->mhw", at, example[key][channels])
+        in_mirror = np.einsum("mc,chw->mhw", at_mirrored, mirrored[key][channels])
+        np.testing.assert_allclose(map_plane(in_mirror, index), seen, atol=1e-5)
+    np.testing.assert_array_equal(map_plane(mirrored["mask"], index), example["mask"])
+    # a real example: the prior scores the same on the hidden directions, mirrored or not
+    real = make_real_example(shell, np.random.default_rng(index), cfg, crop=16)
+    losses = []
+    for e in (real, mirror_example(real, index, cfg)):
+        batch = stack_real_examples([e])
+        losses.append(real_signal_loss(torch.from_numpy(batch["condition"])[:, prior], batch))
+    assert losses[0].item() > 1e-4
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)

@@ -95,6 +95,11 @@ class FieldTrainConfig:
         the app runs the network on for such scans. 0 (the default) draws none.
     small_field_sizes : list of int
         Smallest and largest side of those squares (inclusive; below ``crop // 2``).
+    mirror_fraction : float
+        Share of training examples (simulated and real) mirrored by a random symmetry of
+        `plane_symmetry.SYMMETRIES` other than the identity (`plane_symmetry.mirror_example`),
+        so the network sees slices the way the app's ``symmetries`` averaging shows them. 0
+        (the default) mirrors none.
     max_slabs : int
         Largest number of slabs held in memory.
     val_seed, n_val_slabs, n_val_examples : int
@@ -149,6 +154,7 @@ class FieldTrainConfig:
     wm_weight: float = 0.0
     small_field_fraction: float = 0.0
     small_field_sizes: list = field(default_factory=lambda: [8, 31])
+    mirror_fraction: float = 0.0
     max_slabs: int = 4000
     val_seed: int = 1
     n_val_slabs: int = 16
@@ -515,10 +521,10 @@ class FieldTrainer:
         from .field_data import make_real_example, stack_real_examples
 
         examples = [
-            make_real_example(
+            self._mirrored(make_real_example(
                 self.real[int(self.rng.integers(len(self.real)))], self.rng, self.model_config,
                 crop=self.config.crop, correct_rician=self.config.target == "clean",
-            )
+            ))
             for _ in range(size)
         ]  # fmt: skip
         return stack_real_examples(examples)
@@ -532,14 +538,23 @@ class FieldTrainer:
         low, high = self.config.small_field_sizes
         return int(self.rng.integers(low, high + 1))
 
+    def _mirrored(self, example: dict) -> dict:
+        """Return `example` mirrored with probability ``mirror_fraction`` (no draw at 0)."""
+        if not self.config.mirror_fraction or self.rng.uniform() >= self.config.mirror_fraction:
+            return example
+        from .plane_symmetry import SYMMETRIES, mirror_example
+
+        index = int(self.rng.integers(1, len(SYMMETRIES)))
+        return mirror_example(example, index, self.model_config)
+
     def _batch(self, size: int | None = None) -> dict:
         slabs = self.pool.slabs
         examples = [
-            make_field_example(
+            self._mirrored(make_field_example(
                 slabs[int(self.rng.integers(len(slabs)))], self.rng, self.model_config,
                 crop=self.config.crop, protocol=self.protocol, target=self.config.target,
                 small_field=self._small_field(),
-            )
+            ))
             for _ in range(self.config.batch_size if size is None else size)
         ]  # fmt: skip
         return stack_field_examples(examples)
@@ -848,6 +863,7 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "crop": config["crop"],
             "small_field_fraction": float(config.get("small_field_fraction", 0.0)),
             "small_field_sizes": config.get("small_field_sizes", [8, 31]),
+            "mirror_fraction": float(config.get("mirror_fraction", 0.0)),
         },
         "loss": {
             "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|"

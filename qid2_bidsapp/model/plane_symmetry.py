@@ -171,3 +171,46 @@ def map_plane(array, index: int):
     if not axes:
         return array
     return np.flip(array, axes) if isinstance(array, np.ndarray) else array.flip(axes)
+
+
+def mirror_example(example: dict, index: int, config: FieldConfig) -> dict:
+    """Mirror one training example (`field_data.make_field_example` or `make_real_example`).
+
+    The slice, its context and every directional quantity are mirrored together, so the
+    example stays a valid one: a simulated example's target coefficients and a real example's
+    evaluation rows (the hidden directions) are mapped with the condition.
+
+    Parameters
+    ----------
+    example : dict
+        ``condition`` (Cc, H, W), ``mask`` (H, W), and ``target`` (C, H, W) for simulated
+        examples or ``real_target`` (n, H, W) and ``real_eval`` (n, C) for real ones; other
+        keys are kept as they are.
+    index : int
+        Position in `SYMMETRIES`.
+    config : FieldConfig
+        The model configuration.
+
+    Returns
+    -------
+    dict
+        A new example (``meta`` gains ``"mirror": index``).
+
+    """
+    out = dict(example)
+    out["condition"] = np.ascontiguousarray(
+        map_plane(
+            np.einsum("dc,chw->dhw", condition_matrix(config, index), example["condition"]), index
+        ),  # fmt: skip
+        dtype=np.float32,
+    )
+    out["mask"] = np.ascontiguousarray(map_plane(example["mask"], index))
+    r = sh_symmetry_matrix(direction_matrix(index), config.sh_order)
+    if "target" in example:
+        mirrored = np.einsum("dc,chw->dhw", r, example["target"])
+        out["target"] = np.ascontiguousarray(map_plane(mirrored, index), dtype=np.float32)
+    if "real_target" in example:  # the hidden signals move with the slice; E c = (E R^-1)(R c)
+        out["real_target"] = np.ascontiguousarray(map_plane(example["real_target"], index))
+        out["real_eval"] = (example["real_eval"] @ np.linalg.inv(r)).astype(np.float32)
+    out["meta"] = {**example.get("meta", {}), "mirror": int(index)}
+    return out
