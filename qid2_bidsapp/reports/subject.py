@@ -832,9 +832,9 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
         run.notes.append(
             "The brain spans only {}×{}×{} voxels. With so little spatial context the diffusion "
             "engine gains little: on the tiny scans measured (DIPY's small_64D and small_25, "
-            "and 10×10×10 boxes cut from held-out real scans) its FA was between 2 % worse "
-            "and 16 % better than DTI on the acquired directions alone, and no better on "
-            "high-SNR scans (docs/results.md). Treat the synthesised volumes with caution; the "
+            "and 10×10×10 boxes cut from held-out real scans) its FA was between 18 % better "
+            "than DTI on the acquired directions alone and equal to it (1 box of 18 very "
+            "slightly worse), and at most 5 % better on high-SNR scans (docs/results.md). Treat the synthesised volumes with caution; the "
             "acquired-only FA map is about as good here.".format(*small)
         )
     index = choose_slices(mask)
@@ -860,10 +860,10 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
         run.notes.append(
             f"This scan is clean (S0/σ ≈ {snr:.0f}). On scans this clean the diffusion engine "
             "gains little and can lose: given half the directions of real scans with S0/σ of "
-            "75-78, it was between 5 % better and 11 % worse than DTI on those directions "
-            "alone, and 1-11 % worse on simulated brains at SNR 80 (docs/results.md). Compare "
-            "the FA maps before and after up-sampling; the acquired-only FA may be the better "
-            "one here."
+            "74-78, it was between 7 % better than DTI on those directions alone and equal "
+            "to it, and up to 9 % worse on simulated brains at SNR 80 (docs/results.md). "
+            "Compare the FA maps before and after up-sampling; the acquired-only FA may be the "
+            "better one here."
         )
     acq = np.asarray(run.acquired, dtype=int)
     return {
