@@ -834,8 +834,9 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
             "engine gains little: on the tiny scans measured (DIPY's small_64D and small_25, "
             "and 10×10×10 boxes cut from held-out real scans) its FA was between 18 % better "
             "than DTI on the acquired directions alone and equal to it (1 box of 18 very "
-            "slightly worse), and at most 5 % better on high-SNR scans (docs/results.md). Treat the synthesised volumes with caution; the "
-            "acquired-only FA map is about as good here.".format(*small)
+            "slightly worse), and at most 5 % better on high-SNR scans (docs/results.md). "
+            "Treat the synthesised volumes with caution; the acquired-only FA map is about as "
+            "good here.".format(*small)
         )
     index = choose_slices(mask)
     zooms = view.zooms(img.header.get_zooms()[:3])
