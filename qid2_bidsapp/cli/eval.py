@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import EngineUnavailableError, Qid2Error
+from ..model.field_config import SYMMETRY_COUNTS
 from .parser import _non_negative_int, _positive_int, _t_start
 
 DEFAULT_METHODS = "sh,interp,none,qid2,mrtrix"
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument(
         "--symmetries",
         type=int,
-        choices=[1, 2, 4, 8],
+        choices=SYMMETRY_COUNTS,
         metavar="S",
         help="mirrored copies of each slice averaged; default: the model's setting, as in the app",
     )

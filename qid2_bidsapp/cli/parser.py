@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import __version__
 from ..engines.base import ENGINE_NAMES
 from ..hpc_plugin import PLUGINS
+from ..model.field_config import SYMMETRY_COUNTS
 
 
 def _positive_int(value: str) -> int:
@@ -248,7 +249,7 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--symmetries",
         type=int,
-        choices=[1, 2, 4, 8],
+        choices=SYMMETRY_COUNTS,
         metavar="S",
         help="run the model on S mirrored copies of each slice (1, 2, 4 or 8) "
         "and average them: more accurate, S times the cost; default: the model's setting "

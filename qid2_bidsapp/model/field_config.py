@@ -29,6 +29,34 @@ DEFAULT_FIELD_SAMPLER = {
     "cpu": {"n_steps": 1, "n_samples": 1, "t_start": 100, "symmetries": 4},
     "cuda": {"n_steps": 2, "n_samples": 2, "t_start": 100, "symmetries": 4},
 }
+#: Allowed numbers of mirror symmetries averaged at inference (prefixes of
+#: `plane_symmetry.SYMMETRIES` that are groups).
+SYMMETRY_COUNTS = (1, 2, 4, 8)
+
+
+def check_symmetry_count(n: int) -> int:
+    """Return `n` as an int if it is one of `SYMMETRY_COUNTS`.
+
+    Parameters
+    ----------
+    n : int
+        Number of symmetries.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        For any other value.
+
+    """
+    if int(n) != n or int(n) not in SYMMETRY_COUNTS:
+        raise ValueError(f"symmetries must be one of {SYMMETRY_COUNTS}, got {n}")
+    return int(n)
+
+
 #: Features per slice: order-2 least-squares fit (6), regularised fit (28 at order 6),
 #: relative S0, mask; `FieldConfig.features_per_slice` computes it for other orders.
 _EXTRA_PER_SLICE = 2
@@ -229,8 +257,6 @@ class FieldConfig:
                 f"max_timestep must be in 0..{self.num_train_timesteps - 1}, "
                 f"got {self.max_timestep}"
             )
-        from .plane_symmetry import check_symmetry_count  # (it imports this module)
-
         for kind in ("cpu", "cuda"):
             values = self.sampler_defaults.get(kind)
             required = {"n_steps", "n_samples", "t_start"}

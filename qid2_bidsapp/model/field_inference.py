@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .field_config import FieldConfig
+from .field_config import FieldConfig, check_symmetry_count
 from .field_features import (
     brain_windows,
     evaluation_matrix,
@@ -42,7 +42,6 @@ from .inference import (
 )
 from .network import crop_pad, pad_to_multiple
 from .plane_symmetry import (
-    check_symmetry_count,
     condition_matrix,
     direction_matrix,
     map_plane,

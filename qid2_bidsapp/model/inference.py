@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .plane_symmetry import check_symmetry_count
+from .field_config import check_symmetry_count
 from .sampler import Qid2Sampler, ddim_step
 
 Key = TypeVar("Key")

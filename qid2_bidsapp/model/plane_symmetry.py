@@ -21,7 +21,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..shm import sh_basis_matrix
-from .field_config import FieldConfig
+from .field_config import SYMMETRY_COUNTS, FieldConfig, check_symmetry_count
+
+__all__ = [
+    "SYMMETRIES",
+    "SYMMETRY_COUNTS",
+    "check_symmetry_count",
+    "condition_matrix",
+    "direction_matrix",
+    "map_plane",
+    "mirror_example",
+    "sh_symmetry_matrix",
+]
 
 #: (reverse the rows, reverse the columns, reverse the context slices), in the order used.
 SYMMETRIES: tuple[tuple[bool, bool, bool], ...] = (
@@ -34,33 +45,8 @@ SYMMETRIES: tuple[tuple[bool, bool, bool], ...] = (
     (False, True, True),
     (True, True, True),
 )
-#: Allowed numbers of symmetries (prefixes of `SYMMETRIES` that are groups).
-SYMMETRY_COUNTS = (1, 2, 4, 8)
 #: Directions used to fit the coefficient maps (their exact value does not matter).
 _FIT_DIRECTIONS = 200
-
-
-def check_symmetry_count(n: int) -> int:
-    """Return `n` as an int if it is one of `SYMMETRY_COUNTS`.
-
-    Parameters
-    ----------
-    n : int
-        Number of symmetries.
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    ValueError
-        For any other value.
-
-    """
-    if int(n) != n or int(n) not in SYMMETRY_COUNTS:
-        raise ValueError(f"symmetries must be one of {SYMMETRY_COUNTS}, got {n}")
-    return int(n)
 
 
 def direction_matrix(index: int) -> np.ndarray:
@@ -134,12 +120,9 @@ def condition_matrix(config: FieldConfig, index: int) -> np.ndarray:
     per_slice = config.features_per_slice
     n_context = 2 * config.context_slices + 1
     if SYMMETRIES[index][2]:  # reversed context: slice j's features come from 2c - j
+        stacked = n_context * per_slice
         order = np.arange(config.condition_channels)
-        for j in range(n_context):
-            src = n_context - 1 - j
-            order[j * per_slice : (j + 1) * per_slice] = np.arange(
-                src * per_slice, (src + 1) * per_slice
-            )
+        order[:stacked] = order[:stacked].reshape(n_context, per_slice)[::-1].ravel()
         out = out[order]
     for j in range(n_context):
         at = j * per_slice
