@@ -147,3 +147,29 @@ def tensor_coefficient_slab(seed: int = 0, shape=(24, 24, 4), bval: float = 1000
         voxel_size=np.array([2.0, 2.0, 2.0]),
         name=f"tensor-slab-{seed}",
     )
+
+
+def noisy_phantom_shell(shape=(20, 18, 5), bval: float = 1000.0, n_directions: int = 12):
+    """One noisy phantom shell: (signal, mean b=0, brain mask, bvecs), float32 signal."""
+    from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+
+    bvecs = hemisphere_directions(n_directions, seed=0)
+    signal, brain = phantom_signal(shape, np.full(n_directions, bval), bvecs)
+    b0, _ = phantom_signal(shape, np.zeros(1), np.zeros((1, 3)))
+    rng = np.random.default_rng(0)
+    noisy = np.abs(signal + rng.normal(0, 20, signal.shape)).astype(np.float32)
+    return noisy, b0[..., 0], brain, bvecs
+
+
+def noise_free_real_shell(sh_order: int, seed: int = 2, n_directions: int = 20):
+    """`tensor_coefficient_slab` sampled on a shell as a noise-free RealShell: (slab, shell)."""
+    from qid2_bidsapp.model.field_data import RealShell
+    from qid2_bidsapp.shm import sh_basis_matrix
+    from qid2_bidsapp.sim.protocol import uniform_shell
+
+    slab = tensor_coefficient_slab(seed)
+    bvecs = uniform_shell(n_directions, seed=3)
+    basis, _ = sh_basis_matrix(bvecs, sh_order)
+    coefs = slab.coefs.astype(np.float32)
+    data = slab.s0[..., None] * np.clip(coefs @ basis.T.astype(np.float32), 0, None)
+    return slab, RealShell(data, bvecs, slab.s0, 1, slab.mask, 1000.0, 0.0, "clean")

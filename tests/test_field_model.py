@@ -19,7 +19,12 @@ from qid2_bidsapp.model.field_features import (
 )
 from qid2_bidsapp.shm import sh_prediction_matrix
 
-from .helpers import save_tiny_field_model, tensor_coefficient_slab
+from .helpers import (
+    noise_free_real_shell,
+    noisy_phantom_shell,
+    save_tiny_field_model,
+    tensor_coefficient_slab,
+)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -32,12 +37,7 @@ BVAL = 1000.0
 
 @pytest.fixture(scope="module")
 def shell():
-    bvecs = hemisphere_directions(12, seed=0)
-    signal, brain = phantom_signal(SHAPE, np.full(12, BVAL), bvecs)
-    b0, _ = phantom_signal(SHAPE, np.zeros(1), np.zeros((1, 3)))
-    rng = np.random.default_rng(0)
-    noisy = np.abs(signal + rng.normal(0, 20, signal.shape)).astype(np.float32)
-    return noisy, b0[..., 0], brain, bvecs
+    return noisy_phantom_shell(SHAPE, BVAL)
 
 
 @pytest.fixture(scope="module")
@@ -397,23 +397,16 @@ def test_tiny_training_lowers_the_loss(tmp_path):
 
 def test_real_examples_score_the_truth_as_perfect():
     from qid2_bidsapp.model.field_data import (
-        RealShell,
         _take,
         make_real_example,
         stack_real_examples,
     )
     from qid2_bidsapp.model.field_network import ShFieldNetwork
     from qid2_bidsapp.model.field_train import real_signal_loss
-    from qid2_bidsapp.shm import sh_basis_matrix
-    from qid2_bidsapp.sim.protocol import uniform_shell
 
     cfg = FieldConfig.tiny()
-    slab = tensor_coefficient_slab(2)
-    bvecs = uniform_shell(20, seed=3)
-    basis, _ = sh_basis_matrix(bvecs, cfg.sh_order)
+    slab, shell = noise_free_real_shell(cfg.sh_order)
     coefs = slab.coefs.astype(np.float32)
-    data = slab.s0[..., None] * np.clip(coefs @ basis.T.astype(np.float32), 0, None)
-    shell = RealShell(data, bvecs, slab.s0, 1, slab.mask, 1000.0, 0.0, "clean")
     rng = np.random.default_rng(0)
     examples = [make_real_example(shell, rng, cfg, crop=16) for _ in range(3)]
     real = stack_real_examples(examples)
@@ -471,7 +464,7 @@ def test_qid2_train_trains_and_exports_a_field_model(tmp_path):
 
 
 def test_untrained_tensor_prior_model_reproduces_dti_on_the_acquired_directions(tmp_path):
-    from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+    from qid2_bidsapp.data.example import hemisphere_directions
     from qid2_bidsapp.engines.base import UncertaintyRecorder, get_engine
     from qid2_bidsapp.gradients import GradientTable
     from qid2_bidsapp.qc import fit_dti
@@ -694,14 +687,19 @@ def test_small_field_example_is_the_mirrored_window_the_app_runs_on():
         make_field_example(slab, np.random.default_rng(3), cfg, crop=32, small_field=16)
 
 
+def _tiny_trainer_settings(slabs, run) -> dict:
+    """FieldTrainConfig settings of a tiny trainer on `_slab_folders`."""
+    return dict(
+        slabs=str(slabs), output=str(run), model=FieldConfig.tiny().to_dict(),
+        batch_size=8, crop=16, n_val_slabs=1, n_val_examples=2, num_threads=1,
+    )  # fmt: skip
+
+
 def test_trainer_draws_small_fields_only_when_asked(tmp_path):
     from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
 
     slabs, run = _slab_folders(tmp_path)
-    base = dict(
-        slabs=str(slabs), output=str(run), model=FieldConfig.tiny().to_dict(),
-        batch_size=8, crop=16, n_val_slabs=1, n_val_examples=2, num_threads=1,
-    )  # fmt: skip
+    base = _tiny_trainer_settings(slabs, run)
 
     def extents(masks):
         return [np.ptp(np.argwhere(m > 0), axis=0).max() + 1 for m in masks]
@@ -722,10 +720,7 @@ def test_trainer_mirrors_examples_only_when_asked(tmp_path):
     from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
 
     slabs, run = _slab_folders(tmp_path)
-    base = dict(
-        slabs=str(slabs), output=str(run), model=FieldConfig.tiny().to_dict(),
-        batch_size=8, crop=16, n_val_slabs=1, n_val_examples=2, num_threads=1,
-    )  # fmt: skip
+    base = _tiny_trainer_settings(slabs, run)
     plain = FieldTrainer(FieldTrainConfig(**base), echo=lambda *_: None)
     assert not any("mirror" in m for m in plain._batch()["meta"])
     mirrored = FieldTrainer(FieldTrainConfig(**base, mirror_fraction=1.0), echo=lambda *_: None)

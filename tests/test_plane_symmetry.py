@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+from qid2_bidsapp.data.example import hemisphere_directions
 from qid2_bidsapp.model.field_config import FieldConfig
 from qid2_bidsapp.model.field_features import scalar_values, shell_features, slice_condition
 from qid2_bidsapp.model.plane_symmetry import (
@@ -19,7 +19,7 @@ from qid2_bidsapp.model.plane_symmetry import (
 )
 from qid2_bidsapp.shm import sh_basis_matrix
 
-from .helpers import save_tiny_field_model
+from .helpers import noise_free_real_shell, noisy_phantom_shell, save_tiny_field_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -32,12 +32,7 @@ BVAL = 1000.0
 
 @pytest.fixture(scope="module")
 def shell():
-    bvecs = hemisphere_directions(12, seed=0)
-    signal, brain = phantom_signal(SHAPE, np.full(12, BVAL), bvecs)
-    b0, _ = phantom_signal(SHAPE, np.zeros(1), np.zeros((1, 3)))
-    rng = np.random.default_rng(0)
-    noisy = np.abs(signal + rng.normal(0, 20, signal.shape)).astype(np.float32)
-    return noisy, b0[..., 0], brain, bvecs
+    return noisy_phantom_shell(SHAPE, BVAL)
 
 
 def _mirror(index, signal, b0, brain, bvecs):
@@ -172,19 +167,6 @@ def test_model_default_symmetries_and_checks(tmp_path):
         get_engine("qid2", model_dir=str(folder), device="cpu", symmetries=5)
 
 
-def _real_shell(cfg):
-    from qid2_bidsapp.model.field_data import RealShell
-    from qid2_bidsapp.sim.protocol import uniform_shell
-
-    from .helpers import tensor_coefficient_slab
-
-    slab = tensor_coefficient_slab(2)
-    bvecs = uniform_shell(20, seed=3)
-    basis, _ = sh_basis_matrix(bvecs, cfg.sh_order)
-    data = slab.s0[..., None] * np.clip(slab.coefs.astype(np.float32) @ basis.T, 0, None)
-    return slab, RealShell(data, bvecs, slab.s0, 1, slab.mask, 1000.0, 0.0, "clean")
-
-
 @pytest.mark.parametrize("index", range(1, 8))
 def test_a_mirrored_training_example_is_the_same_signal_seen_in_a_mirror(index):
     from qid2_bidsapp.model.field_data import (
@@ -198,7 +180,7 @@ def test_a_mirrored_training_example_is_the_same_signal_seen_in_a_mirror(index):
     from qid2_bidsapp.model.plane_symmetry import mirror_example
 
     cfg = FieldConfig.tiny()
-    slab, shell = _real_shell(cfg)
+    slab, shell = noise_free_real_shell(cfg.sh_order)
     example = make_field_example(slab, np.random.default_rng(index), cfg, crop=16)
     mirrored = mirror_example(example, index, cfg)
     assert mirrored["meta"]["mirror"] == index and "mirror" not in example["meta"]
