@@ -305,6 +305,75 @@ def test_untrained_engine_returns_the_sh_prior(shell, untrained_field_model):
     np.testing.assert_allclose(out[brain], expected[brain], rtol=1e-3, atol=0.5)
 
 
+def test_log_mean_scale_gives_a_prediction_the_priors_mean_log_signal(shell):
+    from dipy.data import default_sphere
+
+    from qid2_bidsapp.model.field_features import log_mean_scale
+
+    signal, b0, brain, bvecs = shell
+    cfg = FieldConfig.tiny()
+    _, prior = shell_features(signal, b0, brain, bvecs, cfg, bval=BVAL)
+    prior = prior[brain].astype(np.float64)
+    # another angular shape with another mean: orders >= 2 sharpened, all of it dimmed
+    orders = np.asarray([0] + [2] * 5 + [4] * 9 + [6] * 13)
+    predicted = prior * np.where(orders > 0, 1.3, 1.0) * 0.8
+    scale = log_mean_scale(predicted, prior, cfg)
+    evaluate = evaluation_matrix(default_sphere.vertices, cfg)
+
+    def mean_log(c):
+        return np.log(c @ evaluate.T).mean(-1)
+
+    assert np.all(prior @ evaluate.T > 0.01)  # above the floor: the identity below is exact
+    np.testing.assert_allclose(mean_log(scale[:, None] * predicted), mean_log(prior), atol=1e-9)
+    assert np.abs(mean_log(predicted) - mean_log(prior)).min() > 0.1
+    np.testing.assert_allclose(log_mean_scale(0.8 * prior, prior, cfg), 1 / 0.8)
+
+
+def test_log_mean_from_prior_rescales_each_voxel_to_the_priors_mean_log_signal(shell, tmp_path):
+    from dipy.data import default_sphere
+
+    signal, b0, brain, bvecs = shell
+    targets = default_sphere.vertices  # the sphere log_mean_scale averages over
+    outputs = {}
+    for name, random, overrides in [
+        ("prior", False, {}),
+        ("plain", True, {}),
+        ("matched", True, {"log_mean_from_prior": True}),
+    ]:
+        folder = save_tiny_field_model(tmp_path / name, random=random, **overrides)
+        engine = _engine(folder, temperature=0.0, n_samples=1)
+        out = engine.predict(signal, b0, bvecs, targets, BVAL, brain)
+        outputs[name] = out[brain] / b0[brain][:, None]
+    # voxels where the random network's signal is positive everywhere (no clipping at 0)
+    positive = (outputs["plain"].min(-1) > 0.01) & (outputs["prior"].min(-1) > 0.01)
+    assert positive.sum() > 50
+    logs = {name: np.log(ratio[positive]) for name, ratio in outputs.items()}
+    np.testing.assert_allclose(logs["matched"].mean(-1), logs["prior"].mean(-1), atol=1e-3)
+    assert np.abs(logs["plain"].mean(-1) - logs["prior"].mean(-1)).max() > 0.01
+    # one factor per voxel: the angular shape of the network's prediction is kept
+    shift = logs["matched"] - logs["plain"]
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=1e-4)
+    # the engine option (qid2-eval's log_mean variant key) switches it on a model without it
+    switched = _engine(tmp_path / "plain", temperature=0.0, n_samples=1, log_mean_from_prior=True)
+    out = switched.predict(signal, b0, bvecs, targets, BVAL, brain)
+    np.testing.assert_allclose(out[brain] / b0[brain][:, None], outputs["matched"], atol=1e-5)
+    assert switched.settings()["prior"]["log_mean_from_prior"] is True
+
+
+def test_evaluation_variants_switch_the_mean_signal_rescaling():
+    import argparse
+
+    from qid2_bidsapp.cli.eval import _variant
+
+    assert _variant("raw:log_mean=0") == ("raw", {"log_mean_from_prior": False})
+    assert _variant("m:log_mean=1,symmetries=4") == (
+        "m",
+        {"log_mean_from_prior": True, "symmetries": 4},
+    )
+    with pytest.raises(argparse.ArgumentTypeError, match="bad value"):
+        _variant("m:log_mean=yes")
+
+
 def test_network_passes_do_not_grow_with_the_number_of_targets(shell, random_field_model):
     signal, b0, brain, bvecs = shell
     engine = _engine(random_field_model, batch_size=8)  # every slice in one batch

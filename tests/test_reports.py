@@ -548,3 +548,27 @@ def test_qid2_methods_paragraph_is_manuscript_ready():
     numbers = [int(n) for n in re.findall(r"<sup>\[([\d,]+)\]</sup>", html) for n in n.split(",")]
     first_seen = list(dict.fromkeys(numbers))
     assert first_seen == sorted(first_seen)  # numbered in the order of the text
+
+
+def test_qid2_methods_paragraph_names_the_tensor_prior_and_the_mean_signal_rescaling():
+    import re
+
+    from qid2_bidsapp.reports.methods import methods_paragraph
+
+    base = {
+        "model_id": "qid2-default-0123456789ab",
+        "model_kind": "sh-field",
+        "sampler": {"n_steps": 1, "t_start": 100, "temperature": 1.0, "n_samples": 1},
+        "device": "cpu",
+    }
+    texts = {}
+    for name, prior in [
+        ("sh", {"engine": "sh", "order": 6, "lambda": 0.006}),
+        ("dti", {"engine": "dti", "order": 6, "lambda": 0.006, "log_mean_from_prior": True}),
+    ]:
+        html = methods_paragraph("qid2", base | {"prior": prior}, 30, 60, [1000], seed=0)
+        texts[name] = re.sub("<[^>]+>", "", html)
+    assert "Laplace–Beltrami" in texts["sh"] and "tensor fitted" not in texts["sh"]
+    assert "rescaled" not in texts["sh"]
+    assert "diffusion tensor fitted" in texts["dti"] and "Laplace–Beltrami" not in texts["dti"]
+    assert "mean log signal" in texts["dti"]

@@ -24,6 +24,7 @@ VARIANT_KEYS = {
     "temperature": ("temperature", float),
     "samples": ("n_samples", int),
     "symmetries": ("symmetries", int),
+    "log_mean": ("log_mean_from_prior", lambda v: _on_off(v)),
     "eta": ("eta", float),
     "adapt": ("adapt_steps", int),
     "adapt_lr": ("adapt_lr", float),
@@ -72,6 +73,12 @@ def _slab(value: str) -> tuple[int, int]:
     if not 0 <= start < stop:
         raise argparse.ArgumentTypeError(f"need 0 <= START < STOP, got {value!r}")
     return start, stop
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(value)
+    return value == "1"
 
 
 def _variant(value: str) -> tuple[str, dict]:
@@ -203,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:KEY=V,...",
         help="extra qid2 method 'qid2-NAME' with other sampler settings, e.g. "
         "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, symmetries, eta, "
-        "adapt = --adapt-steps, adapt_lr); repeatable",
+        "log_mean = 0 or 1 (the model's log_mean_from_prior), adapt = --adapt-steps, "
+        "adapt_lr); repeatable",
     )
     meth.add_argument("--sh-order", type=int, help="fixed SH order of 'sh' (default: auto)")
     meth.add_argument("--sh-lambda", type=float, default=0.006, help="regularisation of 'sh'")

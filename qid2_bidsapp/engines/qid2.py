@@ -17,6 +17,7 @@ Only the lookup functions work without torch; the engine imports it when built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -223,6 +224,7 @@ def build_qid2_engine(**options) -> Qid2Upsampler:
         "n_samples",
         "eta",
         "symmetries",
+        "log_mean_from_prior",
         "seed",
         "device",
         "batch_size",
@@ -325,6 +327,9 @@ class Qid2Upsampler:
         SH-field models: the K samples are drawn on this many mirrored copies
         of each slice (1, 2, 4 or 8; `model.plane_symmetry`) and mapped back; default: the
         model's setting for the device (1 when it has none). Per-target models: 1 only.
+    log_mean_from_prior : bool, optional
+        SH-field models: rescale each voxel's prediction to the prior's mean log signal
+        (`model.field_features.log_mean_scale`); default: the model's ``log_mean_from_prior``.
 
     Raises
     ------
@@ -356,6 +361,7 @@ class Qid2Upsampler:
         adapt_steps: int = 0,
         adapt_lr: float = 1e-4,
         symmetries: int | None = None,
+        log_mean_from_prior: bool | None = None,
     ):
         from ..model.adapt import AdaptSettings
         from ..model.checkpoint import load_model
@@ -377,6 +383,13 @@ class Qid2Upsampler:
         with _torch_threads(1):
             self.network, self.config, self.info = load_model(model_dir, device="cpu")
         self.kind = getattr(self.config, "kind", PER_TARGET_KIND)
+        if log_mean_from_prior is not None:
+            if self.kind == PER_TARGET_KIND:
+                raise ValueError("log_mean_from_prior needs an SH-field model")
+            self.config = dataclasses.replace(
+                self.config, log_mean_from_prior=bool(log_mean_from_prior)
+            )
+            self.network.config = self.config
         kind = "cuda" if str(device) != "cpu" and qid2_uses_cuda(str(device)) else "cpu"
         defaults = self.config.sampler_defaults[kind]
         if t_start is None:  # the model's setting (per-target models: 200, as before)
@@ -652,16 +665,19 @@ class Qid2Upsampler:
             temperature, n_samples, eta, symmetries), ``seed``, ``device`` (requested, and the
             one used once a prediction ran), ``amp`` and ``precision`` (float32, or the
             autocast dtype in use on CUDA),
-            ``batch_size`` (requested, and the last one used), ``slice_axis``, ``prior``.
+            ``batch_size`` (requested, and the last one used), ``slice_axis``, ``prior``
+            (``engine`` "sh" or "dti", ``order``, ``lambda`` and, for SH-field models,
+            ``log_mean_from_prior``).
 
         """
         if self.kind == PER_TARGET_KIND:
             prior = {"engine": "sh", "order": "auto", "lambda": self.config.prior_lambda}
         else:
             prior = {
-                "engine": "sh",
+                "engine": "dti" if self.config.prior == "dti" else "sh",
                 "order": self.config.sh_order,
                 "lambda": self.config.prior_lambda,
+                "log_mean_from_prior": self.config.log_mean_from_prior,
             }
         return {
             "model_id": self.info["model_id"],
@@ -683,7 +699,7 @@ class Qid2Upsampler:
             "n_b0": self.n_b0,
             "noise_sigma": self.noise_sigma,
             "direction_frame": "voxel axes of the slice (model.data.model_frame_bvecs)",
-            "outside_mask": "SH prior (uncertainty 0)",
+            "outside_mask": "the prior (uncertainty 0)",
             "adaptation": {
                 "steps": self.adapt_settings.steps,
                 "lr": self.adapt_settings.lr,

@@ -119,6 +119,13 @@ class FieldConfig:
         changes only the angular shape (orders >= 2), and the merged data keep the mean
         diffusivity of DTI on the acquired directions. Applied in the network's forward pass,
         so training and inference agree.
+    log_mean_from_prior : bool
+        At inference, rescale each voxel's predicted signal so that its mean log signal over
+        the sphere equals the prior's (`field_features.log_mean_scale`): the network's angular
+        shape is kept, in the log domain where a tensor fit reads it, while the mean
+        diffusivity of the synthesised volumes becomes that of the prior (for the ``dti``
+        prior, DTI on the acquired directions). No training needed; default off, so older
+        models run as they were measured.
     sampler_defaults : dict
         ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples``, ``t_start`` and,
         optionally, ``symmetries`` (default 1).
@@ -144,6 +151,7 @@ class FieldConfig:
     noise_input: bool = False
     summary_input: bool = False
     keep_prior_mean: bool = False
+    log_mean_from_prior: bool = False
     sampler_defaults: dict = field(
         default_factory=lambda: json.loads(json.dumps(DEFAULT_FIELD_SAMPLER))
     )

@@ -438,6 +438,48 @@ def evaluation_matrix(bvecs: np.ndarray, config: FieldConfig) -> np.ndarray:
     return basis / coefficient_scales(config)[None, :]
 
 
+#: Floor of ``S/S0`` in `log_mean_scale` (a b = 3000 free-water signal is below it).
+LOG_MEAN_FLOOR = 1e-3
+
+
+def log_mean_scale(
+    predicted: np.ndarray, prior: np.ndarray, config: FieldConfig, *, floor: float = LOG_MEAN_FLOOR
+) -> np.ndarray:
+    """Per-voxel factor that gives a predicted signal the prior's mean log signal.
+
+    The mean of ``log(S/S0)`` over the sphere is ``-b MD`` for a tensor, whatever its shape,
+    so multiplying a prediction by this factor keeps its angular shape in the log domain (where
+    a tensor fit reads FA) and gives it the mean diffusivity of the prior. The mean is taken
+    over DIPY's default sphere (362 directions), not over the targets, so a target's signal
+    does not depend on which other targets were asked for.
+
+    Parameters
+    ----------
+    predicted, prior : ndarray, shape (..., C)
+        Model-space coefficients of the prediction and of the prior (`shell_features`).
+    config : FieldConfig
+        The model configuration.
+    floor : float
+        ``S/S0`` below this counts as this before the logarithm.
+
+    Returns
+    -------
+    ndarray, shape (...), float64
+        ``exp(mean log prior - mean log predicted)``; 1 where both are at the floor. Computed
+        in float32 when both inputs are float32 (as at inference), else in float64.
+
+    """
+    from dipy.data import default_sphere
+
+    dtype = np.result_type(predicted, prior, np.float32)  # float32 in, float32 arithmetic
+    evaluate = evaluation_matrix(default_sphere.vertices, config).astype(dtype)
+    log_mean = [
+        np.log(np.clip(np.asarray(c, dtype=dtype) @ evaluate.T, floor, None)).mean(-1)
+        for c in (prior, predicted)
+    ]
+    return np.exp(log_mean[0] - log_mean[1]).astype(np.float64)
+
+
 #: The training crop. A brain's crop shorter than half of it along an axis (a tiny field of
 #: view, such as dipy's 10 x 10 small_64D) runs on a window this long centred on the brain,
 #: the image mirrored outside its edges (`network_window`, `mirrored_window`): the network

@@ -7,7 +7,8 @@ coefficients and, evaluated at the targets, the per-voxel standard deviation (un
 With ``symmetries`` S > 1 the K samples are drawn on each of S mirrored copies
 of the slice (`plane_symmetry`) and mapped back; mean and std are over all K x S.
 Whatever the number of target directions, the network runs ``slices x steps x K x S`` times;
-the targets only cost a small matrix product per voxel.
+the targets only cost a small matrix product per voxel. Models with ``log_mean_from_prior``
+then rescale each voxel's prediction to the prior's mean log signal (`log_mean_scale`).
 
 Seeding: slice s of a shell draws its noise from ``pair_generator(seed, round(b), s)``, so
 results do not depend on the batch size or on an out-of-memory back-off.
@@ -23,6 +24,7 @@ from .field_config import FieldConfig, check_symmetry_count
 from .field_features import (
     brain_windows,
     evaluation_matrix,
+    log_mean_scale,
     mirrored_window,
     reference_s0,
     scalar_values,
@@ -312,8 +314,14 @@ def synthesise_shell_field(
         ratio = torch.einsum("mc,bkchw->bkhwm", evaluate_t, samples).clamp(min=0)
         mu = ratio.mean(dim=1).cpu().numpy()
         sd = ratio.std(dim=1).cpu().numpy() if samples.shape[1] > 1 else np.zeros_like(mu)
+        if config.log_mean_from_prior:
+            coefficients = samples.mean(dim=1).float().permute(0, 2, 3, 1).cpu().numpy()
         for i, s in enumerate(slices):
             base, keep = s0[r0:r1, c0:c1, s], inside[r0:r1, c0:c1, s]
+            if config.log_mean_from_prior:
+                scale = log_mean_scale(coefficients[i][keep], prior[r0:r1, c0:c1, s][keep], config)
+                mu[i][keep] *= scale[:, None].astype(np.float32)
+                sd[i][keep] *= scale[:, None].astype(np.float32)
             mean_v[r0:r1, c0:c1, s][keep] = (mu[i] * base[..., None])[keep]
             std_v[r0:r1, c0:c1, s][keep] = (sd[i] * base[..., None])[keep]
 
