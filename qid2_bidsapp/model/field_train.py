@@ -25,6 +25,10 @@ the two are added, weighted by their share of the mask: a brain whose grey matte
 while its white matter is pulled down no longer scores 0. With ``wm_weight`` the per-voxel
 terms (coefficients, signal, FA) count ``1 + wm_weight`` times in voxels whose true FA is at
 least `WM_FA_THRESHOLD` (white matter), where the model gained least (docs/results.md).
+
+Models with ``log_mean_from_prior`` are trained as they are run: the network's output is
+rescaled to the prior's mean log signal (`rescale_to_prior_log_mean`) before the loss, in
+training and validation alike.
 """
 
 from __future__ import annotations
@@ -44,7 +48,12 @@ from ..sim.slabs import CoefficientSlab, generate_slabs, read_slab
 from .checkpoint import load_training_state, save_training_state
 from .field_config import FieldConfig
 from .field_data import Protocol, make_field_example, stack_field_examples
-from .field_features import coefficient_scales
+from .field_features import (
+    LOG_MEAN_FLOOR,
+    LOG_MEAN_SCALE_RANGE,
+    coefficient_scales,
+    log_mean_matrix,
+)
 from .field_inference import field_scheduler, sample_coefficients
 from .field_network import INPUT_CONV_WEIGHT, ShFieldNetwork, TensorFA, widen_input_weights
 from .inference import SamplerSettings, pair_generator
@@ -346,6 +355,34 @@ class FieldLoss(torch.nn.Module):
         return loss, parts
 
 
+def rescale_to_prior_log_mean(
+    pred: torch.Tensor, prior: torch.Tensor, evaluate: torch.Tensor
+) -> torch.Tensor:
+    """Scale each voxel's coefficients to the prior's mean log signal (differentiable).
+
+    The torch twin of `field_features.log_mean_scale` (applied at inference to the sampled
+    coefficients), so that a ``log_mean_from_prior`` model is trained on what it outputs.
+
+    Parameters
+    ----------
+    pred, prior : Tensor, shape (B, C, H, W)
+        Model-space coefficients of the prediction and of the prior.
+    evaluate : Tensor, shape (P, C)
+        `field_features.log_mean_matrix`.
+
+    Returns
+    -------
+    Tensor, shape (B, C, H, W)
+
+    """
+    log_mean = [
+        torch.log(torch.einsum("pc,bchw->bphw", evaluate, c).clamp(min=LOG_MEAN_FLOOR)).mean(1)
+        for c in (prior, pred)
+    ]
+    scale = torch.exp(log_mean[0] - log_mean[1]).clamp(*LOG_MEAN_SCALE_RANGE)
+    return pred * scale[:, None]
+
+
 def real_signal_loss(pred: torch.Tensor, real: dict) -> torch.Tensor:
     """``1000 x`` masked MSE of predicted ``S/S0`` at the hidden directions of real examples.
 
@@ -438,6 +475,11 @@ class FieldTrainer:
             self.network.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.scheduler = field_scheduler(self.model_config)
+        self.log_mean_matrix = (
+            torch.from_numpy(log_mean_matrix(self.model_config).astype(np.float32))
+            if self.model_config.log_mean_from_prior
+            else None
+        )
         self.step = 0
         self.wall_s = 0.0
         self.rng = np.random.default_rng(config.seed)
@@ -569,6 +611,13 @@ class FieldTrainer:
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * progress))
 
+    def _as_run(self, pred: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Return the coefficients as inference outputs them (``log_mean_from_prior``)."""
+        if self.log_mean_matrix is None:
+            return pred
+        prior = condition[:, self.network.prior_channels]
+        return rescale_to_prior_log_mean(pred, prior, self.log_mean_matrix)
+
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the loss and its parts."""
         n_real = int(round(self.config.batch_size * self.config.real_fraction)) if self.real else 0
@@ -596,7 +645,7 @@ class FieldTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         self.network.train()
-        pred = self.network(x_t, condition, timesteps)
+        pred = self._as_run(self.network(x_t, condition, timesteps), condition)
         prior = condition[:n_sim, self.network.prior_channels]
         loss, parts = self.loss(pred[:n_sim], target, mask, bval, prior) if n_sim else (0.0, {})
         if real is not None:
@@ -631,7 +680,7 @@ class FieldTrainer:
         sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
         generators = [pair_generator(0, i) for i in range(len(target))]
         samples = sample_coefficients(self.network, self.scheduler, condition, generators, sampler)
-        pred = samples.mean(dim=1)
+        pred = self._as_run(samples.mean(dim=1), condition)
         prior = condition[:, self.network.prior_channels]
         _, net = self.loss(pred, target, mask, bval)
         _, pri = self.loss(prior, target, mask, bval)
@@ -651,6 +700,7 @@ class FieldTrainer:
             cond = torch.from_numpy(real["condition"])
             gens = [pair_generator(1, i) for i in range(len(cond))]
             pred = sample_coefficients(self.network, self.scheduler, cond, gens, sampler).mean(1)
+            pred = self._as_run(pred, cond)
             out["net_real_mse"] = real_signal_loss(pred, real).item()
             out["prior_real_mse"] = real_signal_loss(
                 cond[:, self.network.prior_channels], real
