@@ -17,6 +17,14 @@ from ..model.field_config import SYMMETRY_COUNTS
 from .parser import _non_negative_int, _positive_int, _t_start
 
 DEFAULT_METHODS = "sh,interp,none,qid2,mrtrix"
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(value)
+    return value == "1"
+
+
 #: ``--qid2-variant`` keys and the engine options they set.
 VARIANT_KEYS = {
     "steps": ("n_steps", int),
@@ -24,7 +32,7 @@ VARIANT_KEYS = {
     "temperature": ("temperature", float),
     "samples": ("n_samples", int),
     "symmetries": ("symmetries", int),
-    "log_mean": ("log_mean_from_prior", lambda v: _on_off(v)),
+    "log_mean": ("log_mean_from_prior", _on_off),
     "eta": ("eta", float),
     "adapt": ("adapt_steps", int),
     "adapt_lr": ("adapt_lr", float),
@@ -73,12 +81,6 @@ def _slab(value: str) -> tuple[int, int]:
     if not 0 <= start < stop:
         raise argparse.ArgumentTypeError(f"need 0 <= START < STOP, got {value!r}")
     return start, stop
-
-
-def _on_off(value: str) -> bool:
-    if value not in ("0", "1"):
-        raise ValueError(value)
-    return value == "1"
 
 
 def _variant(value: str) -> tuple[str, dict]:

@@ -21,6 +21,8 @@ coefficients, and so the network's output, are expressed in the voxel axes of th
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from dipy.reconst.shm import sph_harm_ind_list
 
@@ -461,9 +463,17 @@ def log_mean_matrix(config: FieldConfig) -> np.ndarray:
         DIPY's default sphere (a 362-direction hemisphere; the signal is antipodally symmetric).
 
     """
+    return _sphere_basis(config.sh_order) / coefficient_scales(config)[None, :]
+
+
+@functools.lru_cache(maxsize=4)
+def _sphere_basis(sh_order: int) -> np.ndarray:
+    """SH basis on DIPY's default sphere, computed once per order (read-only)."""
     from dipy.data import default_sphere
 
-    return evaluation_matrix(default_sphere.vertices, config)
+    basis, _ = sh_basis_matrix(np.asarray(default_sphere.vertices, dtype=np.float64), sh_order)
+    basis.setflags(write=False)
+    return basis
 
 
 def log_mean_scale(
