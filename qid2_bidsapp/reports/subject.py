@@ -832,9 +832,9 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
         run.notes.append(
             "The brain spans only {}×{}×{} voxels. With so little spatial context the diffusion "
             "engine gains little: on the tiny scans measured (DIPY's small_64D and small_25, "
-            "and 10×10×10 boxes cut from held-out real scans) its FA was between 19 % better "
-            "than DTI on the acquired directions alone and equal to it (1 box of 18 very "
-            "slightly worse), and at most 5 % better on high-SNR scans (docs/results.md). "
+            "and 10×10×10 boxes cut from held-out real scans) its FA was between 20 % better "
+            "than DTI on the acquired directions alone and 1 % worse (1 box of 18), and at "
+            "most 6 % better on high-SNR scans (docs/results.md). "
             "Treat the synthesised volumes with caution; the acquired-only FA map is about as "
             "good here.".format(*small)
         )
@@ -861,8 +861,8 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
         run.notes.append(
             f"This scan is clean (S0/σ ≈ {snr:.0f}). On scans this clean the diffusion engine "
             "gains little and can lose: given half the directions of real scans with S0/σ of "
-            "74-78, it was 1-7 % better than DTI on those directions alone, and up to "
-            "11 % worse on simulated brains at SNR 80 (docs/results.md). "
+            "74-78, it was 3-9 % better than DTI on those directions alone, and up to "
+            "6 % worse on simulated brains at SNR 80 (docs/results.md). "
             "Compare the FA maps before and after up-sampling; the acquired-only FA may be the "
             "better one here."
         )
