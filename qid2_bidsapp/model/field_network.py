@@ -119,12 +119,17 @@ class ShFieldNetwork(nn.Module):
         return condition[:, self.prior_channels].to(out.dtype) + out
 
 
-def widen_input_weights(tensors: dict, network: ShFieldNetwork) -> dict:
-    """Fit weights of a network with fewer trailing input channels to `network`.
+def widen_input_weights(
+    tensors: dict, network: ShFieldNetwork, old_context: int | None = None
+) -> dict:
+    """Fit weights of a network with fewer input channels to `network`.
 
-    The condition's constant maps come last, so a model that gains maps (``summary_input``)
-    keeps every other weight; the new input channels of the first convolution start at 0, and
-    the widened network computes exactly what the old one did until it is trained.
+    The first convolution reads the noisy coefficients, then one block of features per
+    context slice (``z - c .. z + c``), then the constant maps. A model that gains maps
+    (``summary_input``, appended last) or context slices (``context_slices``, new blocks at
+    both ends) keeps every other weight; the new input channels start at 0, so the widened
+    network computes what the old one did until it is trained (the `window_summary` maps of a
+    wider context are taken over more slices, so they change a little).
 
     Parameters
     ----------
@@ -132,6 +137,8 @@ def widen_input_weights(tensors: dict, network: ShFieldNetwork) -> dict:
         State dict of the narrower network.
     network : ShFieldNetwork
         The network to load them into.
+    old_context : int, optional
+        ``context_slices`` of the narrower network (default: the same as `network`'s).
 
     Returns
     -------
@@ -144,15 +151,25 @@ def widen_input_weights(tensors: dict, network: ShFieldNetwork) -> dict:
         When any other tensor differs in shape, or the new weight is narrower.
 
     """
+    config = network.config
+    context = config.context_slices if old_context is None else int(old_context)
     target = network.state_dict()
     out = dict(tensors)
     old = tensors[INPUT_CONV_WEIGHT]
     new_shape = tuple(target[INPUT_CONV_WEIGHT].shape)
+    n_coef, per_slice = config.n_coefficients, config.features_per_slice
+    shift = config.context_slices - context
+    old_scalars = old.shape[1] - n_coef - (2 * context + 1) * per_slice
     same_rest = old.shape[0] == new_shape[0] and tuple(old.shape[2:]) == new_shape[2:]
-    if not same_rest or old.shape[1] > new_shape[1]:
+    if not same_rest or shift < 0 or not 0 <= old_scalars <= config.n_scalars:
         raise ValueError(f"cannot widen input weights {tuple(old.shape)} to {new_shape}")
     padded = torch.zeros(new_shape, dtype=old.dtype)
-    padded[:, : old.shape[1]] = old
+    padded[:, :n_coef] = old[:, :n_coef]
+    old_slices = slice(n_coef, n_coef + (2 * context + 1) * per_slice)
+    start = n_coef + shift * per_slice  # the old blocks, centred among the new ones
+    padded[:, start : start + old_slices.stop - n_coef] = old[:, old_slices]
+    scalars = n_coef + (2 * config.context_slices + 1) * per_slice
+    padded[:, scalars : scalars + old_scalars] = old[:, old_slices.stop :]
     out[INPUT_CONV_WEIGHT] = padded
     for name, value in out.items():
         if name in target and tuple(value.shape) != tuple(target[name].shape):

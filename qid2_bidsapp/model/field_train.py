@@ -525,7 +525,12 @@ class FieldTrainer:
         return shells
 
     def _load_initial_weights(self, path: Path) -> None:
-        """Start from earlier weights; a model without the summary maps may gain them."""
+        """Start from earlier weights; they may lack the summary maps or context slices.
+
+        A model folder may have fewer ``context_slices`` than this run (its weights are
+        widened, `widen_input_weights`); a state file or snapshot must have the same.
+        """
+        old_context = None
         if path.is_dir():  # a model folder (verified, and its architecture must match)
             from .checkpoint import load_model
 
@@ -533,16 +538,21 @@ class FieldTrainer:
             theirs, ours = config.to_dict(), self.model_config.to_dict()
             if not theirs["summary_input"] and ours["summary_input"]:
                 theirs["summary_input"] = True  # widened below
+            if theirs["context_slices"] < ours["context_slices"]:
+                old_context = theirs["context_slices"]
+                theirs["context_slices"] = ours["context_slices"]  # widened below
             if theirs != ours:
                 raise Qid2Error(f"{path}: its model configuration differs from this run's")
             tensors = network.state_dict()
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             tensors = state["model"] if isinstance(state, dict) and "model" in state else state
-        if self.model_config.summary_input:
-            ours = self.network.state_dict()[INPUT_CONV_WEIGHT].shape[1]
-            if tensors[INPUT_CONV_WEIGHT].shape[1] < ours:
-                tensors = widen_input_weights(tensors, self.network)
+        ours = self.network.state_dict()[INPUT_CONV_WEIGHT].shape[1]
+        if tensors[INPUT_CONV_WEIGHT].shape[1] < ours:
+            try:
+                tensors = widen_input_weights(tensors, self.network, old_context)
+            except ValueError as err:
+                raise Qid2Error(f"{path}: {err}") from None
         self.network.load_state_dict(tensors)
 
     def _real_validation_set(self) -> dict | None:
