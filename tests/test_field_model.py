@@ -630,6 +630,37 @@ def test_a_model_gains_the_summary_maps_without_changing_its_output():
         widen_input_weights(new.state_dict(), old)
 
 
+def test_a_model_gains_context_slices_without_changing_its_output(shell):
+    """Widened from 1 to 2 context slices, the network reads the new outer slices with zero
+    weights: its output on a real condition equals the old network's on the middle three."""
+    from qid2_bidsapp.model.field_network import ShFieldNetwork, widen_input_weights
+
+    from .helpers import randomise_weights
+
+    signal, b0, brain, bvecs = shell
+    narrow = FieldConfig.tiny(prior="dti", noise_input=True, context_slices=1)
+    wide = FieldConfig.tiny(prior="dti", noise_input=True, context_slices=2)
+    old = ShFieldNetwork(narrow).eval()
+    randomise_weights(old)
+    new = ShFieldNetwork(wide).eval()
+    new.load_state_dict(widen_input_weights(old.state_dict(), new, old_context=1))
+    feats, _ = shell_features(signal, b0, brain, bvecs, wide)
+    scalars = scalar_values(1000, 12, 1, 0.05)
+    z = 2  # the middle slice: slices 0..4 in the wide window, 1..3 in the narrow one
+    cond_narrow = torch.from_numpy(slice_condition(feats, z, 1, scalars, narrow))[None]
+    cond_wide = torch.from_numpy(slice_condition(feats, z, 2, scalars, wide))[None]
+    h, w = cond_wide.shape[-2:]
+    crop = (slice(None), slice(None), slice(0, h - h % 4), slice(0, w - w % 4))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, narrow.n_coefficients, h, w, generator=gen)[crop]
+    t = torch.tensor([40])
+    per_slice = wide.features_per_slice  # the outer slices carry signal, so their zero
+    assert cond_wide[0, :per_slice].abs().sum() > 0  # weights are what keeps the output
+    torch.testing.assert_close(new(x, cond_wide[crop], t), old(x, cond_narrow[crop], t))
+    with pytest.raises(ValueError, match="cannot widen"):
+        widen_input_weights(new.state_dict(), old, old_context=2)
+
+
 def test_summary_model_engine_is_symmetric_and_order_independent(shell, tmp_path):
     signal, b0, brain, bvecs = shell
     folder = save_tiny_field_model(tmp_path / "summary", prior="dti", summary_input=True)
