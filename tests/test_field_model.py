@@ -706,6 +706,43 @@ def test_fine_tune_adds_the_summary_maps_to_a_model_without_them(tmp_path):
         FieldTrainer(other, echo=lambda *_: None)
 
 
+def test_fine_tune_adds_context_slices_to_a_model_folder(tmp_path):
+    from qid2_bidsapp.model.checkpoint import load_model
+    from qid2_bidsapp.model.field_network import INPUT_CONV_WEIGHT
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+
+    slabs, run = _slab_folders(tmp_path)
+    narrow_folder = save_tiny_field_model(tmp_path / "narrow", prior="dti")
+    old, narrow, _ = load_model(narrow_folder)
+    assert narrow.context_slices == 1
+    wide = FieldConfig.tiny(prior="dti", context_slices=2)
+    config = FieldTrainConfig(
+        slabs=str(slabs), output=str(run), model=wide.to_dict(), batch_size=2,
+        crop=16, steps=2, n_val_slabs=1, n_val_examples=2, num_threads=1,
+        init_weights=str(narrow_folder),
+    )  # fmt: skip
+    trainer = FieldTrainer(config, echo=lambda *_: None)
+    before = old.state_dict()[INPUT_CONV_WEIGHT]
+    after = trainer.network.state_dict()[INPUT_CONV_WEIGHT]
+    c, f = wide.n_coefficients, wide.features_per_slice
+    torch.testing.assert_close(after[:, :c], before[:, :c])
+    torch.testing.assert_close(after[:, c + f : c + 4 * f], before[:, c : c + 3 * f])
+    torch.testing.assert_close(after[:, c + 5 * f :], before[:, c + 3 * f :])
+    assert not after[:, c : c + f].any() and not after[:, c + 4 * f : c + 5 * f].any()
+    assert np.isfinite(trainer.train_step()["loss"])
+    # a state file cannot be widened: its context is not recorded
+    torch.save({"model": old.state_dict()}, tmp_path / "narrow.pt")
+    other = FieldTrainConfig(
+        **{
+            **config.to_dict(),
+            "output": str(tmp_path / "run2"),
+            "init_weights": str(tmp_path / "narrow.pt"),
+        }
+    )
+    with pytest.raises(Exception, match="cannot widen"):
+        FieldTrainer(other, echo=lambda *_: None)
+
+
 def test_prior_relative_loss_weighs_examples_by_their_priors_fa_error():
     from qid2_bidsapp.model.field_train import FieldLoss
 
