@@ -40,9 +40,10 @@ SH_RATIO = 1.05
 #: Largest |mean FA change| (merged - acquired only) in the brain mask.
 FA_CHANGE_LIMIT = 0.01
 #: S0 / σ from which a scan counts as clean: there the default model (run ftM, 4 mirrors, mean
-#: log signal from the prior) was measured 3-9 % better than DTI on the acquired directions
+#: log signal from the prior) was measured 4-9 % better than DTI on the acquired directions
 #: (sub-uih, b 930, S0/σ 77; sub-prisma, b 2000, S0/σ 75) and up to 6 % worse on simulated
-#: brains at SNR 80 (docs/results.md, 2026-12-06, ftM); at SNR 40 it still gained 2-10 %.
+#: brains at SNR 80 (docs/results.md, 2026-12-06, ftM and late evening); at SNR 40 it still
+#: gained 2-10 %.
 CLEAN_SCAN_SNR = 60.0
 #: Brain extent (voxels) under which, along two axes, the field of view counts as small: the
 #: SH-field network then runs on a mirrored window (``MIN_NETWORK_SIZE // 2`` of

@@ -861,7 +861,7 @@ def _run_section(files: RunFiles, output_dir: Path, fig_dir: Path) -> dict:
         run.notes.append(
             f"This scan is clean (S0/σ ≈ {snr:.0f}). On scans this clean the diffusion engine "
             "gains little and can lose: given half the directions of real scans with S0/σ of "
-            "74-78, it was 3-9 % better than DTI on those directions alone, and up to "
+            "74-78, it was 4-9 % better than DTI on those directions alone, and up to "
             "6 % worse on simulated brains at SNR 80 (docs/results.md). "
             "Compare the FA maps before and after up-sampling; the acquired-only FA may be the "
             "better one here."
