@@ -36,8 +36,6 @@ VARIANT_KEYS = {
     "eta": ("eta", float),
     "adapt": ("adapt_steps", int),
     "adapt_lr": ("adapt_lr", float),
-    "slice_axis": ("slice_axis", int),
-    "planes": ("planes", int),
 }
 
 #: Real scans bundled with DIPY that --dipy accepts (`evaluation.cases.DIPY_CASES`).

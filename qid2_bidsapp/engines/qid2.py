@@ -231,7 +231,6 @@ def build_qid2_engine(**options) -> Qid2Upsampler:
         "num_threads",
         "amp",
         "slice_axis",
-        "planes",
         "affine",
         "adapt_steps",
         "adapt_lr",
@@ -363,7 +362,6 @@ class Qid2Upsampler:
         adapt_lr: float = 1e-4,
         symmetries: int | None = None,
         log_mean_from_prior: bool | None = None,
-        planes: int | None = None,
     ):
         from ..model.adapt import AdaptSettings
         from ..model.checkpoint import load_model
@@ -428,11 +426,6 @@ class Qid2Upsampler:
         self.num_threads = num_threads or None
         self.amp = bool(amp)
         self.slice_axis = int(slice_axis)
-        self.planes = int(defaults.get("planes", 1) if planes is None else planes)
-        if self.planes not in (1, 3):
-            raise ValueError(f"planes must be 1 or 3, got {self.planes}")
-        if self.kind == PER_TARGET_KIND and self.planes != 1:
-            raise ValueError("planes other than 1 need an SH-field model")
         self.affine = affine
         self._device = None
         self._dtype = None
@@ -581,7 +574,25 @@ class Qid2Upsampler:
         device, dtype = self._ready()
         with _torch_threads(self.num_threads if device.type == "cpu" else None):
             if self.kind != PER_TARGET_KIND:
-                mean, std, used = self._predict_field(signal, b0, mask, bvecs_in, bvecs_out, bval)
+                from ..model.field_inference import synthesise_shell_field
+
+                mean, std, used = synthesise_shell_field(
+                    self.network,
+                    signal,
+                    b0,
+                    mask,
+                    frame_in,
+                    frame_out,
+                    float(bval),
+                    self.sampler_settings,
+                    n_b0=self.n_b0,
+                    noise_sigma=self.noise_sigma,
+                    seed=self.seed,
+                    slice_axis=self.slice_axis,
+                    margin=CROP_MARGIN,
+                    batch_size=self.batch_size,
+                    dtype=dtype,
+                )
             else:
                 network = self._adapted(signal, b0, bvecs_in, float(bval), mask)
                 mean, std, used = synthesise_shell(
@@ -603,46 +614,6 @@ class Qid2Upsampler:
                 )
         self._batch_used = used
         return mean, std
-
-    def _predict_field(self, signal, b0, mask, bvecs_in, bvecs_out, bval: float):
-        """SH-field prediction on the slices of each plane (`planes`), averaged.
-
-        With ``planes`` 3 the volume is also cut along the two other voxel axes (the
-        directions expressed in each plane's model frame) and the predictions averaged; the
-        standard deviation pools the samples of every plane.
-        """
-        from ..model.data import model_frame_bvecs
-        from ..model.field_inference import synthesise_shell_field
-
-        device, dtype = self._ready()
-        axes = [self.slice_axis] + [a for a in (0, 1, 2) if a != self.slice_axis]
-        means, variances, used = [], [], 1
-        for axis in axes[: self.planes]:
-            mean, std, used = synthesise_shell_field(
-                self.network,
-                signal,
-                b0,
-                mask,
-                model_frame_bvecs(bvecs_in, self.frame_affine, axis),
-                model_frame_bvecs(bvecs_out, self.frame_affine, axis),
-                float(bval),
-                self.sampler_settings,
-                n_b0=self.n_b0,
-                noise_sigma=self.noise_sigma,
-                seed=self.seed,
-                slice_axis=axis,
-                margin=CROP_MARGIN,
-                batch_size=self.batch_size,
-                dtype=dtype,
-            )
-            means.append(mean)
-            variances.append(np.square(std, dtype=np.float32))
-        if len(means) == 1:
-            return means[0], std, used
-        mean = np.mean(means, axis=0, dtype=np.float32)
-        spread = np.mean([np.square(m - mean) for m in means], axis=0, dtype=np.float32)
-        std = np.sqrt(np.mean(variances, axis=0, dtype=np.float32) + spread)
-        return mean, std.astype(np.float32), used
 
     def _adapted(self, signal, b0, bvecs_in, bval: float, mask) -> object:
         """Return the network fine-tuned on this shell (`model.adapt`), or the loaded one."""
