@@ -382,6 +382,7 @@ def test_evaluation_variants_switch_the_mean_signal_rescaling():
         "m",
         {"log_mean_from_prior": True, "symmetries": 4},
     )
+    assert _variant("coronal:slice_axis=1") == ("coronal", {"slice_axis": 1})
     with pytest.raises(argparse.ArgumentTypeError, match="bad value"):
         _variant("m:log_mean=yes")
 

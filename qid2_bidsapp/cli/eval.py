@@ -36,6 +36,7 @@ VARIANT_KEYS = {
     "eta": ("eta", float),
     "adapt": ("adapt_steps", int),
     "adapt_lr": ("adapt_lr", float),
+    "slice_axis": ("slice_axis", int),
 }
 
 #: Real scans bundled with DIPY that --dipy accepts (`evaluation.cases.DIPY_CASES`).
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra qid2 method 'qid2-NAME' with other sampler settings, e.g. "
         "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, symmetries, eta, "
         "log_mean = 0 or 1 (the model's log_mean_from_prior), adapt = --adapt-steps, "
-        "adapt_lr); repeatable",
+        "adapt_lr, slice_axis = the voxel axis the slices are cut along); repeatable",
     )
     meth.add_argument("--sh-order", type=int, help="fixed SH order of 'sh' (default: auto)")
     meth.add_argument("--sh-lambda", type=float, default=0.006, help="regularisation of 'sh'")
