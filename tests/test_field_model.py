@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qid2_bidsapp.data.example import hemisphere_directions, phantom_signal
+from qid2_bidsapp.errors import Qid2Error
 from qid2_bidsapp.model.field_config import FieldConfig
 from qid2_bidsapp.model.field_features import (
     coefficient_scales,
@@ -540,6 +541,11 @@ def test_qid2_train_trains_and_exports_a_field_model(tmp_path):
     assert isinstance(cfg, FieldConfig) and info["training"]["steps"] == 3
     card = (folder / "MODEL_CARD.md").read_text()
     assert "SH-field" in card and "CPU-hours" in card
+    size = (folder / "model.safetensors").stat().st_size
+    assert train_main([str(path), "--export", "--export-dtype", "float16"]) == 0
+    assert (folder / "model.safetensors").stat().st_size < 0.6 * size
+    _, _, half = load_model(folder)
+    assert half["training"]["weights_dtype"] == "float16"
 
 
 # ----------------------------------------------------------------------------- tensor prior
@@ -913,3 +919,63 @@ def test_trainer_trains_through_the_rescaling_only_when_the_model_has_it(tmp_pat
     np.testing.assert_allclose(out.numpy(), prior.numpy(), rtol=1e-4, atol=1e-5)
     assert np.isfinite(matched.train_step()["loss"])
     assert np.isfinite(matched.validate()["net_fa_mae"])
+
+
+def test_data_workers_make_the_batches_in_their_own_processes(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+
+    slabs, run = _slab_folders(tmp_path, (0, 1))
+    settings = _tiny_trainer_settings(slabs, run)
+
+    def losses(trainer, steps=3):
+        try:
+            return [trainer.train_step()["loss"] for _ in range(steps)]
+        finally:
+            trainer.close()
+
+    workers = FieldTrainer(FieldTrainConfig(**settings, data_workers=2), echo=lambda *_: None)
+    before = workers.rng.bit_generator.state
+    first = losses(workers)
+    assert all(np.isfinite(first)) and workers.step == 3
+    assert workers.rng.bit_generator.state == before  # nothing was drawn in this process
+    again = losses(FieldTrainer(FieldTrainConfig(**settings, data_workers=2), echo=lambda *_: None))
+    assert again == first  # the workers' generators are seeded: same data, same losses
+    in_process = losses(FieldTrainer(FieldTrainConfig(**settings), echo=lambda *_: None))
+    assert in_process != first
+
+
+def test_training_on_a_missing_gpu_is_a_clear_error(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    slabs, run = _slab_folders(tmp_path)
+    settings = _tiny_trainer_settings(slabs, run)
+    with pytest.raises(Qid2Error, match="device 'cuda': .*no CUDA device"):
+        FieldTrainer(FieldTrainConfig(**settings, device="cuda"), echo=lambda *_: None)
+    with pytest.raises(Qid2Error, match="data_workers"):
+        FieldTrainer(FieldTrainConfig(**settings, data_workers=-1), echo=lambda *_: None)
+    auto = FieldTrainer(FieldTrainConfig(**settings, device="auto"), echo=lambda *_: None)
+    assert auto.device.type == "cpu" and auto.amp_dtype is None
+
+
+def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
+    from qid2_bidsapp.model.checkpoint import WEIGHTS_NAME, load_model, save_model
+
+    full = save_tiny_field_model(tmp_path / "full")
+    network, config, _ = load_model(full)
+    half = save_model(
+        tmp_path / "half", network, config, training={}, card="# test\n", weights_dtype="float16"
+    )
+    size = (half / WEIGHTS_NAME).stat().st_size / (full / WEIGHTS_NAME).stat().st_size
+    assert 0.45 < size < 0.6
+    loaded, _, info = load_model(half)
+    assert info["sha256"] != load_model(full)[2]["sha256"]
+    pairs = zip(loaded.state_dict().items(), network.state_dict().values(), strict=True)
+    for (name, ours), theirs in pairs:
+        assert ours.dtype == theirs.dtype, name
+        if ours.is_floating_point():
+            torch.testing.assert_close(ours, theirs.half().float(), rtol=0, atol=0)
+            torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="weights_dtype"):
+        save_model(tmp_path / "x", network, config, training={}, card="#", weights_dtype="int8")

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not train: write the model folder from the saved state now",
     )
+    parser.add_argument(
+        "--export-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="SH-field models: how the exported weights are stored (float16 halves the file)",
+    )
     return parser
 
 
@@ -113,7 +119,7 @@ def run_field(args: argparse.Namespace) -> Path:
     Parameters
     ----------
     args : argparse.Namespace
-        Parsed arguments (``--device`` is not used: SH-field training runs on the CPU).
+        Parsed arguments; ``--device`` overrides the configuration's ``device``.
 
     Returns
     -------
@@ -126,7 +132,11 @@ def run_field(args: argparse.Namespace) -> Path:
     from ..model.field_train import STATE_NAME, FieldTrainConfig, export_model, train_field
 
     config = FieldTrainConfig.from_file(args.config)
-    overrides = {"steps": args.steps, "output": None if args.output is None else str(args.output)}
+    overrides = {
+        "steps": args.steps,
+        "output": None if args.output is None else str(args.output),
+        "device": args.device,
+    }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     output = Path(config.output)
     if not args.resume:
@@ -135,11 +145,11 @@ def run_field(args: argparse.Namespace) -> Path:
     if args.export:
         if not (output / STATE_NAME).is_file():
             raise Qid2Error(f"{output / STATE_NAME}: no training state to export")
-        return export_model(output, output / config.name)
+        return export_model(output, output / config.name, weights_dtype=args.export_dtype)
     state = train_field(config, max_minutes=args.max_minutes)
     steps = _state_step(state)
     if steps >= config.steps:
-        return export_model(output, output / config.name)
+        return export_model(output, output / config.name, weights_dtype=args.export_dtype)
     return state
 
 

@@ -201,6 +201,7 @@ def save_model(
     training: dict,
     card: str,
     overwrite: bool = False,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write a model folder: weights, config, model card and checksums.
 
@@ -218,6 +219,9 @@ def save_model(
         Markdown text of ``MODEL_CARD.md``.
     overwrite : bool
         Replace an existing model in `folder`; otherwise refuse.
+    weights_dtype : {"float32", "float16"}
+        How the weights are stored. float16 halves the file (a wider network then fits the
+        16 MiB a shipped file may have); `load_model` casts them back to float32.
 
     Returns
     -------
@@ -228,14 +232,25 @@ def save_model(
     ------
     FileExistsError
         When `folder` already holds a model and `overwrite` is False.
+    ValueError
+        For another `weights_dtype`.
 
     """
+    stored = {"float32": torch.float32, "float16": torch.float16}
+    if weights_dtype not in stored:
+        raise ValueError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     folder = Path(folder)
     if (folder / WEIGHTS_NAME).exists() and not overwrite:
         raise FileExistsError(f"{folder} already holds a model (pass overwrite=True)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CHECKSUMS_NAME).unlink(missing_ok=True)  # invalid until rewritten below
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+    tensors = {
+        k: v.detach()
+        .to("cpu")
+        .to(stored[weights_dtype] if v.is_floating_point() else v.dtype)
+        .contiguous()
+        for k, v in network.state_dict().items()
+    }
     save_file(
         tensors,
         str(folder / WEIGHTS_NAME),

@@ -56,7 +56,7 @@ from .field_features import (
 )
 from .field_inference import field_scheduler, sample_coefficients
 from .field_network import INPUT_CONV_WEIGHT, ShFieldNetwork, TensorFA, widen_input_weights
-from .inference import SamplerSettings, pair_generator
+from .inference import SamplerSettings, _autocast, pair_generator
 
 STATE_NAME = "training_state.pt"
 #: Smallest prior FA error used by ``prior_relative`` weights (bounds the largest weight).
@@ -139,6 +139,18 @@ class FieldTrainConfig:
     target : {"clean", "rician-mean"}
         Simulated targets (`field_data.make_field_example`); with ``rician-mean`` the real
         scans' measured magnitudes are the targets as they are, otherwise Rician-corrected.
+    device : {"cpu", "cuda", "auto"}
+        Where the network trains (``auto``: a CUDA GPU when torch sees one). The examples are
+        always made on the CPU.
+    amp : bool
+        On CUDA, run the network's forward pass in bfloat16 autocast (the loss stays
+        float32); ignored on the CPU and on GPUs without bfloat16.
+    data_workers : int
+        Processes that make the training batches while the network trains (0: made in the
+        training process, between steps). Each worker draws from its own generator, seeded
+        by (``seed``, the step the chunk started at, the worker's index): a run resumed at
+        the same steps draws the same data, but not the data of a run with another number
+        of workers. Slabs added to the folder after the workers start are not seen by them.
 
     """
 
@@ -182,6 +194,9 @@ class FieldTrainConfig:
     kind: str = "sh-field"
     name: str = "qid2-field"
     target: str = "clean"
+    device: str = "cpu"
+    amp: bool = True
+    data_workers: int = 0
 
     @classmethod
     def from_file(cls, path: str | Path) -> FieldTrainConfig:
@@ -398,10 +413,11 @@ def real_signal_loss(pred: torch.Tensor, real: dict) -> torch.Tensor:
     Tensor
 
     """
-    evaluate = torch.from_numpy(real["real_eval"])
-    target = torch.from_numpy(real["real_target"])
-    weight = torch.from_numpy(real["real_weight"])[:, :, None, None]
-    mask = torch.from_numpy(real["mask"])[:, None]
+    evaluate, target, weight, mask = (
+        torch.as_tensor(real[key]).to(pred.device)
+        for key in ("real_eval", "real_target", "real_weight", "mask")
+    )
+    weight, mask = weight[:, :, None, None], mask[:, None]
     signal = torch.einsum("bmc,bchw->bmhw", evaluate, pred)
     w = weight * mask
     return 1000.0 * ((signal - target).square() * w).sum() / w.sum().clamp(min=1.0)
@@ -455,8 +471,18 @@ class FieldTrainer:
     """
 
     def __init__(self, config: FieldTrainConfig, echo=print):
+        from .inference import autocast_dtype, resolve_device
+
         self.config = config
         self.echo = echo
+        if int(config.data_workers) < 0:
+            raise Qid2Error(f"data_workers must be >= 0, got {config.data_workers}")
+        try:
+            self.device = resolve_device(config.device)
+        except RuntimeError as err:
+            raise Qid2Error(f"device {config.device!r}: {err}") from None
+        amp = autocast_dtype(self.device, bool(config.amp))
+        self.amp_dtype = amp if amp == torch.bfloat16 else None  # no loss scaling: bf16 only
         torch.set_num_threads(int(config.num_threads))
         torch.manual_seed(config.seed)
         self.model_config = FieldConfig(**config.model)
@@ -491,8 +517,13 @@ class FieldTrainer:
             raise Qid2Error("real_fraction > 0 but real_sources gave no usable shell")
         if config.init_weights:
             self._load_initial_weights(Path(config.init_weights))
+        self.network.to(self.device)
+        self.loss.to(self.device)
+        if self.log_mean_matrix is not None:
+            self.log_mean_matrix = self.log_mean_matrix.to(self.device)
         self.validation = self._validation_set()
         self.real_validation = self._real_validation_set()
+        self._stream = None  # batches from the data workers, started at the first step
 
     # ------------------------------------------------------------------ data
 
@@ -628,34 +659,67 @@ class FieldTrainer:
         prior = condition[:, self.network.prior_channels]
         return rescale_to_prior_log_mean(pred, prior, self.log_mean_matrix)
 
+    def batch_sizes(self) -> tuple[int, int]:
+        """Return the simulated and real examples per step."""
+        n_real = int(round(self.config.batch_size * self.config.real_fraction)) if self.real else 0
+        return self.config.batch_size - n_real, n_real
+
+    def draw_batches(self) -> tuple[dict, dict | None]:
+        """Make one step's simulated batch and real batch (None without real examples)."""
+        n_sim, n_real = self.batch_sizes()
+        batch = self._batch(n_sim)
+        return batch, (self._real_batch(n_real) if n_real else None)
+
+    def _next_batches(self) -> tuple[dict, dict | None]:
+        if int(self.config.data_workers) == 0:
+            return self.draw_batches()
+        if self._stream is None:
+            loader = torch.utils.data.DataLoader(
+                _BatchStream(self, self.step),
+                batch_size=None,
+                num_workers=int(self.config.data_workers),
+                collate_fn=_as_drawn,
+                multiprocessing_context="fork",
+                prefetch_factor=4,
+                persistent_workers=True,
+            )
+            self._stream = iter(loader)
+        return next(self._stream)
+
+    def close(self) -> None:
+        """Stop the data workers (they start again, from the current step, when needed)."""
+        self._stream = None
+
+    def _on_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the loss and its parts."""
-        n_real = int(round(self.config.batch_size * self.config.real_fraction)) if self.real else 0
-        n_sim = self.config.batch_size - n_real
-        batch = self._batch(n_sim)
-        condition = torch.from_numpy(batch["condition"])
-        target = torch.from_numpy(batch["target"])
-        mask = torch.from_numpy(batch["mask"])
-        bval = torch.from_numpy(batch["bval"])
-        timesteps = torch.randint(0, self.model_config.max_timestep + 1, (n_sim,))
+        n_sim, n_real = self.batch_sizes()
+        batch, real = self._next_batches()
+        device = self.device
+        condition, target, mask, bval = (
+            self._on_device(batch[key]) for key in ("condition", "target", "mask", "bval")
+        )
+        timesteps = torch.randint(0, self.model_config.max_timestep + 1, (n_sim,)).to(device)
         start = target.clone()
-        from_prior = torch.rand(n_sim) < self.config.prior_start_fraction
+        from_prior = (torch.rand(n_sim) < self.config.prior_start_fraction).to(device)
         start[from_prior] = condition[from_prior][:, self.network.prior_channels]
-        x_t = self.scheduler.add_noise(start, torch.randn_like(target), timesteps)
-        real = None
+        x_t = self.scheduler.add_noise(start, torch.randn(target.shape).to(device), timesteps)
         if n_real:
-            real = self._real_batch(n_real)
-            real_condition = torch.from_numpy(real["condition"])
-            real_t = torch.randint(0, self.model_config.max_timestep + 1, (n_real,))
+            real_condition = self._on_device(real["condition"])
+            real_t = torch.randint(0, self.model_config.max_timestep + 1, (n_real,)).to(device)
             prior = real_condition[:, self.network.prior_channels]
-            real_x = self.scheduler.add_noise(prior, torch.randn_like(prior), real_t)
+            real_x = self.scheduler.add_noise(prior, torch.randn(prior.shape).to(device), real_t)
             condition = torch.cat([condition, real_condition])
             x_t = torch.cat([x_t, real_x])
             timesteps = torch.cat([timesteps, real_t])
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         self.network.train()
-        pred = self._as_run(self.network(x_t, condition, timesteps), condition)
+        with _autocast(device, self.amp_dtype):
+            out = self.network(x_t, condition, timesteps)
+        pred = self._as_run(out.float(), condition)
         prior = condition[:n_sim, self.network.prior_channels]
         loss, parts = self.loss(pred[:n_sim], target, mask, bval, prior) if n_sim else (0.0, {})
         if real is not None:
@@ -683,10 +747,9 @@ class FieldTrainer:
         """
         self.network.eval()
         val = self.validation
-        condition = torch.from_numpy(val["condition"])
-        target = torch.from_numpy(val["target"])
-        mask = torch.from_numpy(val["mask"])
-        bval = torch.from_numpy(val["bval"])
+        condition, target, mask, bval = (
+            self._on_device(val[key]) for key in ("condition", "target", "mask", "bval")
+        )
         sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
         generators = [pair_generator(0, i) for i in range(len(target))]
         samples = sample_coefficients(self.network, self.scheduler, condition, generators, sampler)
@@ -707,7 +770,7 @@ class FieldTrainer:
         out["fit2_fa_mae"] = fit2_fa
         if self.real_validation is not None:
             real = self.real_validation
-            cond = torch.from_numpy(real["condition"])
+            cond = self._on_device(real["condition"])
             gens = [pair_generator(1, i) for i in range(len(cond))]
             pred = sample_coefficients(self.network, self.scheduler, cond, gens, sampler).mean(1)
             pred = self._as_run(pred, cond)
@@ -744,8 +807,36 @@ class FieldTrainer:
         folder = Path(self.config.output) / "snapshots"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{self.step:07d}.pt"
-        torch.save(self.network.state_dict(), path)
+        torch.save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, path)
         return path
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless ``FieldTrainer.draw_batches`` in a data worker (a fork of the trainer).
+
+    Each worker replaces its copy of the trainer's generator with one seeded by the run's
+    seed, the step the stream started at and the worker's index.
+    """
+
+    def __init__(self, trainer: FieldTrainer, start_step: int):
+        super().__init__()
+        self.trainer = trainer
+        self.start_step = int(start_step)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else int(info.id)
+        torch.set_num_threads(1)
+        self.trainer.rng = np.random.default_rng(
+            [int(self.trainer.config.seed), self.start_step, worker]
+        )
+        while True:
+            yield self.trainer.draw_batches()
+
+
+def _as_drawn(batches):
+    """DataLoader ``collate_fn``: the worker's batches as they are (numpy arrays)."""
+    return batches
 
 
 def _sampler_settings(config: FieldConfig, kind: str) -> dict:
@@ -831,6 +922,7 @@ def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, e
         if max_minutes is not None and now - started > 60 * max_minutes:
             break
     stop.restore()
+    trainer.close()
     if stop.requested:
         echo(f"stopped by signal at step {trainer.step}; state saved, rerun to resume")
     return trainer.save_state()
@@ -1036,6 +1128,7 @@ def export_model(
     *,
     card: str | None = None,
     weights: str | Path | None = None,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write a model folder from a run: the state's (or a snapshot's) weights, config, card.
 
@@ -1049,6 +1142,8 @@ def export_model(
         Markdown of MODEL_CARD.md (default: `model_card` of the training record).
     weights : str or Path, optional
         A snapshot (``snapshots/step-*.pt``) to export instead of the state's weights.
+    weights_dtype : {"float32", "float16"}
+        How the weights are stored (`checkpoint.save_model`).
 
     Returns
     -------
@@ -1070,7 +1165,12 @@ def export_model(
         record["exported_weights"] = Path(weights).name
     if card is None:
         card = model_card(record, Path(folder).name)
-    return save_model(folder, network, config, training=record, card=card, overwrite=True)
+    if weights_dtype != "float32":
+        record["weights_dtype"] = weights_dtype
+    return save_model(
+        folder, network, config, training=record, card=card, overwrite=True,
+        weights_dtype=weights_dtype,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":  # python -m qid2_bidsapp.model.field_train CONFIG [MAX_MINUTES]
