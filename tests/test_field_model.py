@@ -979,3 +979,21 @@ def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
             torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="weights_dtype"):
         save_model(tmp_path / "x", network, config, training={}, card="#", weights_dtype="int8")
+
+
+def test_data_echo_serves_each_drawn_batch_for_several_steps(tmp_path):
+    from qid2_bidsapp.model.field_train import FieldTrainConfig, FieldTrainer
+
+    slabs, run = _slab_folders(tmp_path, (0, 1))
+    settings = _tiny_trainer_settings(slabs, run)
+    echoed = FieldTrainer(FieldTrainConfig(**settings, data_echo=2), echo=lambda *_: None)
+    plain = FieldTrainer(FieldTrainConfig(**settings), echo=lambda *_: None)
+    first = echoed.train_step()["loss"]
+    assert first == plain.train_step()["loss"]  # the same first batch, noise and timesteps
+    echoed.train_step()
+    assert echoed.rng.bit_generator.state == plain.rng.bit_generator.state  # no new draw
+    echoed.train_step()
+    plain.train_step()
+    assert echoed.rng.bit_generator.state == plain.rng.bit_generator.state  # one more each
+    with pytest.raises(Qid2Error, match="data_echo"):
+        FieldTrainer(FieldTrainConfig(**settings, data_echo=0), echo=lambda *_: None)

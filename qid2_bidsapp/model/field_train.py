@@ -151,6 +151,10 @@ class FieldTrainConfig:
         by (``seed``, the step the chunk started at, the worker's index): a run resumed at
         the same steps draws the same data, but not the data of a run with another number
         of workers. Slabs added to the folder after the workers start are not seen by them.
+    data_echo : int
+        Steps each drawn batch serves, with fresh timesteps and noise each time (1: every
+        step draws new examples). For a GPU that trains faster than the CPU cores make
+        examples; a resumed run draws a new batch first.
 
     """
 
@@ -197,6 +201,7 @@ class FieldTrainConfig:
     device: str = "cpu"
     amp: bool = True
     data_workers: int = 0
+    data_echo: int = 1
 
     @classmethod
     def from_file(cls, path: str | Path) -> FieldTrainConfig:
@@ -477,6 +482,8 @@ class FieldTrainer:
         self.echo = echo
         if int(config.data_workers) < 0:
             raise Qid2Error(f"data_workers must be >= 0, got {config.data_workers}")
+        if int(config.data_echo) < 1:
+            raise Qid2Error(f"data_echo must be >= 1, got {config.data_echo}")
         try:
             self.device = resolve_device(config.device)
         except RuntimeError as err:
@@ -524,6 +531,7 @@ class FieldTrainer:
         self.validation = self._validation_set()
         self.real_validation = self._real_validation_set()
         self._stream = None  # batches from the data workers, started at the first step
+        self._echo = (None, 0)  # the last batches drawn, and the steps they may still serve
 
     # ------------------------------------------------------------------ data
 
@@ -671,6 +679,15 @@ class FieldTrainer:
         return batch, (self._real_batch(n_real) if n_real else None)
 
     def _next_batches(self) -> tuple[dict, dict | None]:
+        batches, left = self._echo
+        if left > 0:
+            self._echo = (batches, left - 1)
+            return batches
+        batches = self._new_batches()
+        self._echo = (batches, int(self.config.data_echo) - 1)
+        return batches
+
+    def _new_batches(self) -> tuple[dict, dict | None]:
         if int(self.config.data_workers) == 0:
             return self.draw_batches()
         if self._stream is None:
