@@ -997,3 +997,23 @@ def test_data_echo_serves_each_drawn_batch_for_several_steps(tmp_path):
     assert echoed.rng.bit_generator.state == plain.rng.bit_generator.state  # one more each
     with pytest.raises(Qid2Error, match="data_echo"):
         FieldTrainer(FieldTrainConfig(**settings, data_echo=0), echo=lambda *_: None)
+
+
+def test_model_card_names_the_gpu_a_run_trained_on():
+    from qid2_bidsapp.model.field_train import _hardware_text
+
+    cpu = {"cpu_hours": 2.5, "hardware": {"cpu": "x86_64", "torch_threads": 2}}
+    assert _hardware_text(cpu) == "about 2.5 CPU-hours on x86_64 (2 torch thread(s), no GPU)"
+    gpu = {
+        "cpu_hours": 0.2,
+        "hardware": {
+            "cpu": "x86_64",
+            "torch_threads": 2,
+            "device": "cuda",
+            "gpu": "NVIDIA H100",
+            "data_workers": 14,
+            "data_echo": 2,
+        },
+    }
+    text = _hardware_text(gpu)
+    assert "NVIDIA H100" in text and "14 CPU worker(s)" in text and "CPU-hours" not in text

@@ -806,7 +806,10 @@ class FieldTrainer:
             "model": self.model_config.to_dict(),
             "rng": json.dumps(self.rng.bit_generator.state),
             "wall_s": self.wall_s,
+            "device": self.device.type,
         }
+        if self.device.type == "cuda":
+            extra["gpu"] = torch.cuda.get_device_name(self.device)
         path = Path(self.config.output) / STATE_NAME
         return save_training_state(path, self.network, self.optimizer, None, self.step, extra)
 
@@ -1021,6 +1024,10 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": config["num_threads"],
+            "device": state["extra"].get("device", "cpu"),
+            **({"gpu": state["extra"]["gpu"]} if "gpu" in state["extra"] else {}),
+            "data_workers": int(config.get("data_workers", 0)),
+            "data_echo": int(config.get("data_echo", 1)),
         },
         "optimizer": {
             "name": "AdamW",
@@ -1107,9 +1114,7 @@ def model_card(record: dict[str, Any], name: str) -> str:
             f"{protocol['n_b0'][0]}-{protocol['n_b0'][1]} b=0 volumes.",
             f"- Real scans: {record['data']['real_data']}.",
             f"- Steps: {record['steps']} (planned {record['steps_planned']}); wall time "
-            f"{record['wall_time_s'] / 3600:.1f} h, about {record['cpu_hours']:.1f} CPU-hours on "
-            f"{record['hardware']['cpu']} ({record['hardware']['torch_threads']} torch "
-            "thread(s), no GPU).",
+            f"{record['wall_time_s'] / 3600:.1f} h, " + _hardware_text(record) + ".",
             f"- Optimiser: {record['optimizer']['name']}, lr {record['optimizer']['lr']:g} -> "
             f"{record['optimizer']['lr_min']:g} ({record['optimizer']['schedule']}), batch "
             f"{record['optimizer']['batch_size']} crops of {record['optimizer']['crop']}^2.",
@@ -1136,6 +1141,20 @@ def model_card(record: dict[str, Any], name: str) -> str:
             "more than 64 directions are outside its training range.",
             "",
         ]
+    )
+
+
+def _hardware_text(record: dict[str, Any]) -> str:
+    hardware = record["hardware"]
+    if hardware.get("device", "cpu") == "cuda":
+        return (
+            f"on one GPU ({hardware.get('gpu', 'CUDA')}), the examples made by "
+            f"{hardware.get('data_workers', 0)} CPU worker(s), each batch serving "
+            f"{hardware.get('data_echo', 1)} step(s)"
+        )
+    return (
+        f"about {record['cpu_hours']:.1f} CPU-hours on {hardware['cpu']} "
+        f"({hardware['torch_threads']} torch thread(s), no GPU)"
     )
 
 
