@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,7 @@ def test_train_chunk_script_simulates_trains_and_exports_float16(tmp_path):
     script = REPO / "scripts" / "gpu" / "train-chunk.sh"
     done = subprocess.run(
         ["bash", str(script), str(path), "2", str(results), "1"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "slabs: 1 in" in done.stdout

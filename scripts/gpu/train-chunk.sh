@@ -8,23 +8,25 @@
 #
 # CONFIG is an SH-field training config (for example scripts/gpu/field-wide.json); its
 # `slabs` folder receives slabs 0 .. N_SLABS - 1 (default 640) of series 0, skipping those
-# that exist. Runs on the CPU too (device "auto"), which is how it was tested.
+# that exist. Runs on the CPU too (device "auto"), which is how it was tested. $PYTHON names
+# the interpreter (default python3).
 set -euo pipefail
+py=${PYTHON:-python3}
 config=$(realpath "$1"); minutes=$2; results=$(realpath -m "$3"); n_slabs=${4:-640}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
 mkdir -p "$results"
 export PYTHONPATH="$repo/.gpu-data/python:$repo${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import dipy, monai, nibabel" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+if ! "$py" -c "import dipy, monai, nibabel" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/qid2-site .whl/*.whl
   export PYTHONPATH="/tmp/qid2-site:$PYTHONPATH"
 fi
 if [ -z "${QID2_PHANTOM_DIR:-}" ] && [ -d .gpu-data/phantom ]; then
   export QID2_PHANTOM_DIR="$repo/.gpu-data/phantom"
 fi
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-read -r slabs output name < <(python3 -c "
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+read -r slabs output name < <("$py" -c "
 import sys
 from qid2_bidsapp.model.field_train import FieldTrainConfig
 c = FieldTrainConfig.from_file(sys.argv[1])
@@ -36,16 +38,16 @@ pids=()
 for ((i = 0; i < workers; i++)); do
   first=$((i * per)); last=$((first + per < n_slabs ? first + per : n_slabs))
   if [ "$first" -lt "$last" ]; then
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python3 -m qid2_bidsapp.sim.slabs "$slabs" "$first" "$last" &
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$py" -m qid2_bidsapp.sim.slabs "$slabs" "$first" "$last" &
     pids+=($!)
   fi
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "slabs: $(find "$slabs" -name 'slab-*.npz' | wc -l) in $((SECONDS - start)) s"
 start=$SECONDS
-python3 -m qid2_bidsapp.model.field_train "$config" "$minutes"
+"$py" -m qid2_bidsapp.model.field_train "$config" "$minutes"
 echo "training chunk: $((SECONDS - start)) s"
-python3 -c "import sys; from qid2_bidsapp.cli.train import main; sys.exit(main(sys.argv[1:]))" \
+"$py" -c "import sys; from qid2_bidsapp.cli.train import main; sys.exit(main(sys.argv[1:]))" \
   "$config" --export --export-dtype float16
 cp "$output/$name"/* "$output/train_log.jsonl" "$results"/
 ls -la "$results"
