@@ -45,7 +45,9 @@ def test_train_chunk_script_simulates_trains_and_exports_float16(tmp_path):
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "slabs: 1 in" in done.stdout
+    assert "slabs: 1 (+ 1 for validation) in" in done.stdout
+    made = sorted(p.name for p in (tmp_path / "run" / "val_slabs").iterdir())
+    assert made == ["slab-1-000000.npz"]  # made by the script, reused by the trainer
     names = {p.name for p in results.iterdir()}
     assert {"model.safetensors", "config.json", "MODEL_CARD.md", "train_log.jsonl"} <= names
     with safe_open(str(results / "model.safetensors"), "pt") as weights:

@@ -26,24 +26,33 @@ if [ -z "${QID2_PHANTOM_DIR:-}" ] && [ -d .gpu-data/phantom ]; then
   export QID2_PHANTOM_DIR="$repo/.gpu-data/phantom"
 fi
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-read -r slabs output name < <("$py" -c "
+read -r slabs output name n_val val_seed < <("$py" -c "
 import sys
 from qid2_bidsapp.model.field_train import FieldTrainConfig
 c = FieldTrainConfig.from_file(sys.argv[1])
-print(c.slabs, c.output, c.name)" "$config")
+print(c.slabs, c.output, c.name, c.n_val_slabs, c.val_seed)" "$config")
+# simulate slabs FIRST..N-1 of series SEED into FOLDER, one process per core
+simulate() {
+  local folder=$1 n=$2 seed=$3 workers per first last i
+  workers=$(nproc)
+  per=$(((n + workers - 1) / workers))
+  local pids=()
+  for ((i = 0; i < workers; i++)); do
+    first=$((i * per)); last=$((first + per < n ? first + per : n))
+    if [ "$first" -lt "$last" ]; then
+      OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
+        "$py" -m qid2_bidsapp.sim.slabs "$folder" "$first" "$last" "$seed" &
+      pids+=($!)
+    fi
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+}
 start=$SECONDS
-workers=$(nproc)
-per=$(((n_slabs + workers - 1) / workers))
-pids=()
-for ((i = 0; i < workers; i++)); do
-  first=$((i * per)); last=$((first + per < n_slabs ? first + per : n_slabs))
-  if [ "$first" -lt "$last" ]; then
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "$py" -m qid2_bidsapp.sim.slabs "$slabs" "$first" "$last" &
-    pids+=($!)
-  fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
-echo "slabs: $(find "$slabs" -name 'slab-*.npz' | wc -l) in $((SECONDS - start)) s"
+simulate "$slabs" "$n_slabs" 0
+# the validation slabs the trainer would otherwise make in one process (same series, same names)
+simulate "$output/val_slabs" "$n_val" "$val_seed"
+echo "slabs: $(find "$slabs" -name 'slab-*.npz' | wc -l) (+ $n_val for validation) in" \
+  "$((SECONDS - start)) s"
 start=$SECONDS
 "$py" -m qid2_bidsapp.model.field_train "$config" "$minutes"
 echo "training chunk: $((SECONDS - start)) s"
