@@ -8,8 +8,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
+from qid2_bidsapp.sim import drivers_available
 from qid2_bidsapp.validation import run_validator
+
+#: Skip a test that runs the simulator when its driver maps are absent.
+needs_drivers = pytest.mark.skipif(
+    not drivers_available(),
+    reason="simulator drivers not present (../shared/data/phantom or $QID2_PHANTOM_DIR)",
+)
 
 
 def assert_valid_derivative(out: Path) -> None:

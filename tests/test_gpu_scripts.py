@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qid2_bidsapp.sim.anatomy import drivers_available
+from .helpers import needs_drivers
 
 pytest.importorskip("torch")
 pytest.importorskip("monai")
@@ -19,10 +19,7 @@ pytest.importorskip("monai")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(
-    not drivers_available(),
-    reason="simulator drivers not present (../shared/data/phantom or $QID2_PHANTOM_DIR)",
-)
+@needs_drivers
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_train_chunk_script_simulates_trains_and_exports_float16(tmp_path):
     from safetensors import safe_open

@@ -16,7 +16,6 @@ from qid2_bidsapp.sim import (
     SimulatedSource,
     TissueParams,
     acquisition,
-    drivers_available,
     evaluation_brain,
     plan_brain,
     render_brain,
@@ -30,10 +29,7 @@ from qid2_bidsapp.sim.anatomy import load_anatomy, templateflow_priors_available
 from qid2_bidsapp.sim.geometry import Placement, PlaneWaves, euler_rotation
 from qid2_bidsapp.sim.signal import compartment_list
 
-needs_drivers = pytest.mark.skipif(
-    not drivers_available(),
-    reason="simulator drivers not present (../shared/data/phantom or $QID2_PHANTOM_DIR)",
-)
+from .helpers import needs_drivers
 
 
 def _dipy_signal(bvals, bvecs, evals, axes, fractions) -> np.ndarray:
