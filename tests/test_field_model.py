@@ -959,6 +959,38 @@ def test_training_on_a_missing_gpu_is_a_clear_error(tmp_path):
     assert auto.device.type == "cpu" and auto.amp_dtype is None
 
 
+def test_cpu_amp_trains_in_bfloat16_on_a_cpu_that_has_it(tmp_path):
+    from qid2_bidsapp.model.field_train import (
+        FieldTrainConfig,
+        FieldTrainer,
+        cpu_has_bfloat16,
+        training_autocast_dtype,
+    )
+
+    cpu = torch.device("cpu")
+    assert training_autocast_dtype(cpu, False) is None
+    slabs, run = _slab_folders(tmp_path)
+    settings = _tiny_trainer_settings(slabs, run)
+    if not cpu_has_bfloat16():
+        messages = []
+        trainer = FieldTrainer(FieldTrainConfig(**settings, cpu_amp=True), echo=messages.append)
+        assert trainer.amp_dtype is None and any("no bfloat16" in m for m in messages)
+        pytest.skip("this CPU has no native bfloat16: amp falls back to float32 (checked)")
+    assert training_autocast_dtype(cpu, True) == torch.bfloat16
+    assert FieldTrainer(FieldTrainConfig(**settings), echo=lambda *_: None).amp_dtype is None
+    mixed = FieldTrainer(FieldTrainConfig(**settings, cpu_amp=True), echo=lambda *_: None)
+    plain = FieldTrainer(FieldTrainConfig(**settings), echo=lambda *_: None)
+    seen = []
+    mixed.network.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    first, reference = mixed.train_step()["loss"], plain.train_step()["loss"]
+    assert seen == [torch.bfloat16]  # the forward pass ran in bfloat16
+    assert first != reference and abs(first - reference) < 0.05 * abs(reference)
+    assert all(p.dtype == torch.float32 for p in mixed.network.parameters())
+    losses = [mixed.train_step()["loss"] for _ in range(3)]
+    assert all(np.isfinite(losses))
+    assert np.isfinite(mixed.validate()["net_fa_mae"])  # validation runs in float32
+
+
 def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
     from qid2_bidsapp.model.checkpoint import WEIGHTS_NAME, load_model, save_model
 
@@ -1017,3 +1049,5 @@ def test_model_card_names_the_gpu_a_run_trained_on():
     }
     text = _hardware_text(gpu)
     assert "NVIDIA H100" in text and "14 CPU worker(s)" in text and "CPU-hours" not in text
+    mixed = {"cpu_hours": 1.0, "hardware": {"cpu": "x86_64", "torch_threads": 2, "cpu_amp": True}}
+    assert "(2 torch thread(s), bfloat16 autocast, no GPU)" in _hardware_text(mixed)
