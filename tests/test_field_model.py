@@ -991,6 +991,62 @@ def test_cpu_amp_trains_in_bfloat16_on_a_cpu_that_has_it(tmp_path):
     assert np.isfinite(mixed.validate()["net_fa_mae"])  # validation runs in float32
 
 
+def test_weight_average_is_kept_validated_resumed_and_exported(tmp_path):
+    import shutil
+
+    from qid2_bidsapp.model.checkpoint import load_model
+    from qid2_bidsapp.model.field_network import INPUT_CONV_WEIGHT
+    from qid2_bidsapp.model.field_train import (
+        FieldTrainConfig,
+        FieldTrainer,
+        export_model,
+        train_field,
+    )
+
+    slabs, run = _slab_folders(tmp_path)
+    settings = {**_tiny_trainer_settings(slabs, run), "ema_decay": 0.5, "lr": 1e-2}
+    trainer = FieldTrainer(FieldTrainConfig(**settings), echo=lambda *_: None)
+    assert "ema_fa_mae" not in trainer.validate()  # nothing averaged yet
+    expected = None
+    for _ in range(3):
+        trainer.train_step()
+        weights = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+        expected = (
+            weights
+            if expected is None
+            else {k: 0.5 * expected[k] + 0.5 * weights[k] for k in weights}
+        )
+    average = trainer.ema.module.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(average[key], value)
+    assert not torch.equal(average[INPUT_CONV_WEIGHT], weights[INPUT_CONV_WEIGHT])
+    scores = trainer.validate()
+    assert np.isfinite(scores["ema_fa_mae"]) and scores["ema_fa_mae"] != scores["net_fa_mae"]
+    with pytest.raises(Qid2Error, match="ema_decay"):
+        FieldTrainer(FieldTrainConfig(**{**settings, "ema_decay": 1.0}), echo=lambda *_: None)
+
+    # 2 + 2 steps in two chunks keep the same average as 4 in one
+    whole = {**settings, "output": str(tmp_path / "whole"), "steps": 4, "snapshot_every": 2}
+    chunks = {**whole, "output": str(tmp_path / "chunks"), "steps": 2}
+    for path in (tmp_path / "whole", tmp_path / "chunks"):
+        shutil.copytree(run / "val_slabs", path / "val_slabs")
+    state = train_field(FieldTrainConfig(**whole), echo=lambda *_: None)
+    train_field(FieldTrainConfig(**chunks), echo=lambda *_: None)
+    again = train_field(FieldTrainConfig(**{**chunks, "steps": 4}), echo=lambda *_: None)
+    ours, theirs = (torch.load(p, weights_only=True)["extra"]["ema"] for p in (again, state))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    assert (tmp_path / "whole" / "snapshots" / "ema-step-0000004.pt").is_file()
+    folder = export_model(tmp_path / "whole", tmp_path / "model")
+    network, _, info = load_model(folder)
+    prefix = "module."
+    for key, value in theirs.items():
+        if key.startswith(prefix):
+            torch.testing.assert_close(network.state_dict()[key[len(prefix) :]], value)
+    assert info["training"]["exported_weights"].startswith("moving average")
+
+
 def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):
     from qid2_bidsapp.model.checkpoint import WEIGHTS_NAME, load_model, save_model
 

@@ -160,6 +160,13 @@ class FieldTrainConfig:
         Steps each drawn batch serves, with fresh timesteps and noise each time (1: every
         step draws new examples). For a GPU that trains faster than the CPU cores make
         examples; a resumed run draws a new batch first.
+    ema_decay : float
+        Keep an exponential moving average of the weights with this decay per step (0: none;
+        0.999 averages over about the last thousand steps; torch's ``AveragedModel``). With
+        it, validation also scores the average (``ema_*``), snapshots also hold it
+        (``snapshots/ema-step-*.pt``), it is saved in the training state, and the exported
+        model holds the average instead of the last weights. Switched on when a run resumes,
+        the average starts from the weights of that step.
 
     """
 
@@ -208,6 +215,7 @@ class FieldTrainConfig:
     cpu_amp: bool = False
     data_workers: int = 0
     data_echo: int = 1
+    ema_decay: float = 0.0
 
     @classmethod
     def from_file(cls, path: str | Path) -> FieldTrainConfig:
@@ -576,6 +584,17 @@ class FieldTrainer:
             self._load_initial_weights(Path(config.init_weights))
         self.network.to(self.device)
         self.loss.to(self.device)
+        self.ema = None
+        if config.ema_decay:
+            if not 0.0 < float(config.ema_decay) < 1.0:
+                raise Qid2Error(f"ema_decay must be in (0, 1), got {config.ema_decay}")
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(
+                self.network,
+                multi_avg_fn=get_ema_multi_avg_fn(float(config.ema_decay)),
+                use_buffers=True,
+            )  # its first update copies the weights of that step
         if self.log_mean_matrix is not None:
             self.log_mean_matrix = self.log_mean_matrix.to(self.device)
         self.validation = self._validation_set()
@@ -797,6 +816,8 @@ class FieldTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.network)
         self.step += 1
         return {"loss": loss.item(), **parts}
 
@@ -809,17 +830,25 @@ class FieldTrainer:
         dict
             Loss parts of the network (``net_*``), of the prior (``prior_*``), and the FA error
             of the order-2 least-squares fit of the noisy input (``fit2_fa_mae``, a stand-in
-            for DTI on the acquired directions).
+            for DTI on the acquired directions); with ``ema_decay``, those of the weights'
+            moving average (``ema_*``) once it has been updated.
 
         """
-        self.network.eval()
+        out = self._score(self.network, "net")
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            ema = self._score(self.ema.module, "ema")
+            out.update({k: v for k, v in ema.items() if k.startswith("ema_")})
+        return out
+
+    def _score(self, network: torch.nn.Module, name: str) -> dict[str, float]:
+        network.eval()
         val = self.validation
         condition, target, mask, bval = (
             self._on_device(val[key]) for key in ("condition", "target", "mask", "bval")
         )
         sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
         generators = [pair_generator(0, i) for i in range(len(target))]
-        samples = sample_coefficients(self.network, self.scheduler, condition, generators, sampler)
+        samples = sample_coefficients(network, self.scheduler, condition, generators, sampler)
         pred = self._as_run(samples.mean(dim=1), condition)
         prior = condition[:, self.network.prior_channels]
         _, net = self.loss(pred, target, mask, bval)
@@ -832,16 +861,16 @@ class FieldTrainer:
             fit2_fa = masked_mean((fa(fit2, bval) - fa(target, bval)).abs(), mask).item()
         else:  # the prior is the tensor fit itself
             fit2_fa = pri["fa_mae"]
-        out = {f"net_{k}": v for k, v in net.items()}
+        out = {f"{name}_{k}": v for k, v in net.items()}
         out.update({f"prior_{k}": v for k, v in pri.items()})
         out["fit2_fa_mae"] = fit2_fa
         if self.real_validation is not None:
             real = self.real_validation
             cond = self._on_device(real["condition"])
             gens = [pair_generator(1, i) for i in range(len(cond))]
-            pred = sample_coefficients(self.network, self.scheduler, cond, gens, sampler).mean(1)
+            pred = sample_coefficients(network, self.scheduler, cond, gens, sampler).mean(1)
             pred = self._as_run(pred, cond)
-            out["net_real_mse"] = real_signal_loss(pred, real).item()
+            out[f"{name}_real_mse"] = real_signal_loss(pred, real).item()
             out["prior_real_mse"] = real_signal_loss(
                 cond[:, self.network.prior_channels], real
             ).item()
@@ -860,6 +889,9 @@ class FieldTrainer:
         }
         if self.device.type == "cuda":
             extra["gpu"] = torch.cuda.get_device_name(self.device)
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            extra["ema"] = {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}
+            extra["ema_decay"] = float(self.config.ema_decay)
         path = Path(self.config.output) / STATE_NAME
         return save_training_state(path, self.network, self.optimizer, None, self.step, extra)
 
@@ -871,6 +903,11 @@ class FieldTrainer:
             raise Qid2Error(f"{path}: the model configuration changed; start a new output")
         self.rng.bit_generator.state = json.loads(extra["rng"])
         self.wall_s = float(extra.get("wall_s", 0.0))
+        if self.ema is not None:
+            if "ema" in extra:
+                self.ema.load_state_dict(extra["ema"])
+            else:
+                self.echo(f"ema: the moving average starts from the weights of step {self.step}")
 
     def snapshot(self) -> Path:
         """Save the weights of this step under ``snapshots/``."""
@@ -878,6 +915,12 @@ class FieldTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{self.step:07d}.pt"
         torch.save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, path)
+        if self.ema is not None and int(self.ema.n_averaged) > 0:
+            average = self.ema.module.state_dict()
+            torch.save(
+                {k: v.detach().cpu() for k, v in average.items()},
+                folder / f"ema-step-{self.step:07d}.pt",
+            )
         return path
 
 
@@ -973,6 +1016,7 @@ def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, e
         if step % config.validate_every == 0:
             metrics = trainer.validate()
             log("validate", step=step, **metrics)
+            ema = f" (average {metrics['ema_fa_mae']:.4f})" if "ema_fa_mae" in metrics else ""
             real = ""
             if "net_real_mse" in metrics:
                 real = (
@@ -980,7 +1024,7 @@ def train_field(config: FieldTrainConfig, *, max_minutes: float | None = None, e
                     f"prior {metrics['prior_real_mse']:.4f}"
                 )
             echo(
-                f"validate {step}: FA MAE net {metrics['net_fa_mae']:.4f} prior "
+                f"validate {step}: FA MAE net {metrics['net_fa_mae']:.4f}{ema} prior "
                 f"{metrics['prior_fa_mae']:.4f} fit2 {metrics['fit2_fa_mae']:.4f}{real}"
             )
         if step % config.snapshot_every == 0:
@@ -1091,6 +1135,7 @@ def training_record(output: str | Path) -> dict[str, Any]:
             "small_field_fraction": float(config.get("small_field_fraction", 0.0)),
             "small_field_sizes": config.get("small_field_sizes", [8, 31]),
             "mirror_fraction": float(config.get("mirror_fraction", 0.0)),
+            "ema_decay": float(config.get("ema_decay", 0.0)),
         },
         "loss": {
             "terms": "coef_mse + signal_weight * 1000 * signal_mse + fa_weight * |FA - FA_true|"
@@ -1229,7 +1274,9 @@ def export_model(
     card : str, optional
         Markdown of MODEL_CARD.md (default: `model_card` of the training record).
     weights : str or Path, optional
-        A snapshot (``snapshots/step-*.pt``) to export instead of the state's weights.
+        A snapshot (``snapshots/step-*.pt`` or ``ema-step-*.pt``) to export instead of the
+        state's weights (by default the moving average of the weights when the run keeps
+        one, else the last weights).
     weights_dtype : {"float32", "float16"}
         How the weights are stored (`checkpoint.save_model`).
 
@@ -1244,13 +1291,20 @@ def export_model(
     state = torch.load(output / STATE_NAME, map_location="cpu", weights_only=True)
     config = FieldConfig(**state["extra"]["model"])
     network = ShFieldNetwork(config)
-    tensors = state["model"]
+    tensors, exported = state["model"], None
+    if "ema" in state["extra"]:  # the moving average of the weights
+        prefix = "module."
+        tensors = {
+            k[len(prefix) :]: v for k, v in state["extra"]["ema"].items() if k.startswith(prefix)
+        }
+        exported = f"moving average of the weights (decay {state['extra']['ema_decay']:g})"
     if weights is not None:
         tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        exported = Path(weights).name
     network.load_state_dict(tensors)
     record = training_record(output)
-    if weights is not None:
-        record["exported_weights"] = Path(weights).name
+    if exported is not None:
+        record["exported_weights"] = exported
     if card is None:
         card = model_card(record, Path(folder).name)
     if weights_dtype != "float32":
