@@ -1026,7 +1026,8 @@ def test_weight_average_is_kept_validated_resumed_and_exported(tmp_path):
         FieldTrainer(FieldTrainConfig(**{**settings, "ema_decay": 1.0}), echo=lambda *_: None)
 
     # 2 + 2 steps in two chunks keep the same average as 4 in one
-    whole = {**settings, "output": str(tmp_path / "whole"), "steps": 4, "snapshot_every": 2}
+    whole = {**settings, "output": str(tmp_path / "whole"), "steps": 4}
+    whole.update(snapshot_every=2, validate_every=2)
     chunks = {**whole, "output": str(tmp_path / "chunks"), "steps": 2}
     for path in (tmp_path / "whole", tmp_path / "chunks"):
         shutil.copytree(run / "val_slabs", path / "val_slabs")
@@ -1045,6 +1046,8 @@ def test_weight_average_is_kept_validated_resumed_and_exported(tmp_path):
         if key.startswith(prefix):
             torch.testing.assert_close(network.state_dict()[key[len(prefix) :]], value)
     assert info["training"]["exported_weights"].startswith("moving average")
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "network " in card and "(moving average of its weights 0." in card
 
 
 def test_float16_weights_halve_the_file_and_load_as_float32(tmp_path):

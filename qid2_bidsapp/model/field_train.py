@@ -1223,8 +1223,14 @@ def model_card(record: dict[str, Any], name: str) -> str:
             ),
             "",
             "## Validation during training (held-out simulated slabs, mixed protocols)",
-            f"- FA MAE of the predicted field vs the truth: network {num('net_fa_mae')}, its "
-            f"SH prior {num('prior_fa_mae')}, order-2 fit of the input {num('fit2_fa_mae')}.",
+            f"- FA MAE of the predicted field vs the truth: network {num('net_fa_mae')}"
+            + (
+                f" (moving average of its weights {num('ema_fa_mae')})"
+                if "ema_fa_mae" in val
+                else ""
+            )
+            + f", its SH prior {num('prior_fa_mae')}, order-2 fit of the input "
+            f"{num('fit2_fa_mae')} (step {val.get('step', 'n/a')}).",
             "",
             "## Evaluation",
             "See docs/results.md (commands there) for the held-out simulated brains and real "
