@@ -834,24 +834,11 @@ class FieldTrainer:
             moving average (``ema_*``) once it has been updated.
 
         """
-        out = self._score(self.network, "net")
-        if self.ema is not None and int(self.ema.n_averaged) > 0:
-            ema = self._score(self.ema.module, "ema")
-            out.update({k: v for k, v in ema.items() if k.startswith("ema_")})
-        return out
-
-    def _score(self, network: torch.nn.Module, name: str) -> dict[str, float]:
-        network.eval()
         val = self.validation
         condition, target, mask, bval = (
             self._on_device(val[key]) for key in ("condition", "target", "mask", "bval")
         )
-        sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
-        generators = [pair_generator(0, i) for i in range(len(target))]
-        samples = sample_coefficients(network, self.scheduler, condition, generators, sampler)
-        pred = self._as_run(samples.mean(dim=1), condition)
         prior = condition[:, self.network.prior_channels]
-        _, net = self.loss(pred, target, mask, bval)
         _, pri = self.loss(prior, target, mask, bval)
         fa = self.loss.fa
         if self.model_config.prior == "sh":  # the order-2 fit stands in for DTI
@@ -861,9 +848,32 @@ class FieldTrainer:
             fit2_fa = masked_mean((fa(fit2, bval) - fa(target, bval)).abs(), mask).item()
         else:  # the prior is the tensor fit itself
             fit2_fa = pri["fa_mae"]
-        out = {f"{name}_{k}": v for k, v in net.items()}
+        out = self._network_scores(self.network, "net")
         out.update({f"prior_{k}": v for k, v in pri.items()})
         out["fit2_fa_mae"] = fit2_fa
+        if self.real_validation is not None:
+            real = self.real_validation
+            out["prior_real_mse"] = real_signal_loss(
+                self._on_device(real["condition"])[:, self.network.prior_channels], real
+            ).item()
+        average = self._average()
+        if average is not None:
+            out.update(self._network_scores(average, "ema"))
+        return out
+
+    def _network_scores(self, network: torch.nn.Module, name: str) -> dict[str, float]:
+        """Return the loss parts of `network` on the validation examples (and real crops)."""
+        network.eval()
+        val = self.validation
+        condition, target, mask, bval = (
+            self._on_device(val[key]) for key in ("condition", "target", "mask", "bval")
+        )
+        sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
+        generators = [pair_generator(0, i) for i in range(len(target))]
+        samples = sample_coefficients(network, self.scheduler, condition, generators, sampler)
+        pred = self._as_run(samples.mean(dim=1), condition)
+        _, parts = self.loss(pred, target, mask, bval)
+        out = {f"{name}_{k}": v for k, v in parts.items()}
         if self.real_validation is not None:
             real = self.real_validation
             cond = self._on_device(real["condition"])
@@ -871,10 +881,13 @@ class FieldTrainer:
             pred = sample_coefficients(network, self.scheduler, cond, gens, sampler).mean(1)
             pred = self._as_run(pred, cond)
             out[f"{name}_real_mse"] = real_signal_loss(pred, real).item()
-            out["prior_real_mse"] = real_signal_loss(
-                cond[:, self.network.prior_channels], real
-            ).item()
         return out
+
+    def _average(self) -> torch.nn.Module | None:
+        """Return the moving average of the weights once it has been updated, else None."""
+        if self.ema is None or int(self.ema.n_averaged) == 0:
+            return None
+        return self.ema.module
 
     # ------------------------------------------------------------------ state
 
@@ -889,8 +902,8 @@ class FieldTrainer:
         }
         if self.device.type == "cuda":
             extra["gpu"] = torch.cuda.get_device_name(self.device)
-        if self.ema is not None and int(self.ema.n_averaged) > 0:
-            extra["ema"] = {k: v.detach().cpu() for k, v in self.ema.state_dict().items()}
+        if self._average() is not None:
+            extra["ema"] = _cpu_tensors(self.ema)
             extra["ema_decay"] = float(self.config.ema_decay)
         path = Path(self.config.output) / STATE_NAME
         return save_training_state(path, self.network, self.optimizer, None, self.step, extra)
@@ -914,14 +927,16 @@ class FieldTrainer:
         folder = Path(self.config.output) / "snapshots"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{self.step:07d}.pt"
-        torch.save({k: v.detach().cpu() for k, v in self.network.state_dict().items()}, path)
-        if self.ema is not None and int(self.ema.n_averaged) > 0:
-            average = self.ema.module.state_dict()
-            torch.save(
-                {k: v.detach().cpu() for k, v in average.items()},
-                folder / f"ema-step-{self.step:07d}.pt",
-            )
+        torch.save(_cpu_tensors(self.network), path)
+        average = self._average()
+        if average is not None:
+            torch.save(_cpu_tensors(average), folder / f"ema-step-{self.step:07d}.pt")
         return path
+
+
+def _cpu_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Return a module's state dict detached and on the CPU (for ``torch.save``)."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
