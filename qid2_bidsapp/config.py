@@ -38,6 +38,7 @@ class Config:
     n_samples: int | None = None
     symmetries: int | None = None
     device: str = "auto"
+    precision: str = "auto"
     batch_size: int | None = None
     work_dir: Path = Path("work")
     nprocs: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -83,6 +84,7 @@ class Config:
             "symmetries": self.symmetries,
             "seed": self.random_seed,
             "device": self.device,
+            "precision": self.precision,
             "batch_size": self.batch_size,
         }
 

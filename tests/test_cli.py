@@ -82,12 +82,23 @@ def test_all_options_parse(tmp_path):
         ["--n-targets", "10", "--target-bvecs", __file__],
         ["--target-bvecs", "/nonexistent/file.bvec"],
         ["--shells", "-5"],
+        ["--precision", "fp8"],
     ],
 )
 def test_parser_rejects(extra, capsys):
     with pytest.raises(SystemExit) as exc:
         parse("bids", "out", "participant", *extra)
     assert exc.value.code == 2
+
+
+def test_precision_reaches_the_engine(tmp_path):
+    from qid2_bidsapp.cli.run import _config_from_args
+
+    config = _config_from_args([str(tmp_path), str(tmp_path / "out"), "participant"])
+    assert config.engine_options["precision"] == "auto"
+    args = [str(tmp_path), str(tmp_path / "out"), "participant", "--precision", "bfloat16"]
+    config = _config_from_args(args)
+    assert config.engine_options["precision"] == "bfloat16"
 
 
 def test_version():

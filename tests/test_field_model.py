@@ -294,6 +294,52 @@ def test_engine_is_seeded_and_reports_uncertainty(shell, random_field_model):
     assert settings["model_kind"] == "sh-field" and settings["amp"] is False
 
 
+def test_precision_of_the_network():
+    from qid2_bidsapp.model.inference import autocast_dtype, cpu_has_bfloat16
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "float32", cpu_bfloat16=True) is None
+    assert autocast_dtype(cpu, "bfloat16") is torch.bfloat16
+    assert autocast_dtype(cpu, "auto") is None  # a model validated in float32 on the CPU
+    expected = torch.bfloat16 if cpu_has_bfloat16() else None
+    assert autocast_dtype(cpu, "auto", cpu_bfloat16=True) is expected
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype(cpu, "fp8")
+    cfg = FieldConfig.tiny()
+    defaults = {k: dict(v) for k, v in cfg.sampler_defaults.items()}
+    defaults["cpu"]["precision"] = "bfloat16"
+    assert FieldConfig.tiny(sampler_defaults=defaults).sampler_defaults["cpu"]["precision"]
+    defaults["cpu"]["precision"] = "half"
+    with pytest.raises(ValueError, match="precision"):
+        FieldConfig.tiny(sampler_defaults=defaults)
+
+
+def test_engine_runs_in_bfloat16_when_asked(shell, random_field_model, tmp_path):
+    from qid2_bidsapp.model.inference import cpu_has_bfloat16
+
+    signal, b0, brain, bvecs = shell
+    targets = hemisphere_directions(4, seed=7)
+    full = _engine(random_field_model, temperature=0.0, n_samples=1)
+    half = _engine(random_field_model, temperature=0.0, n_samples=1, precision="bfloat16")
+    expected = full.predict(signal, b0, bvecs, targets, BVAL, brain)
+    mixed = half.predict(signal, b0, bvecs, targets, BVAL, brain)
+    assert half.settings()["precision"] == "bfloat16" and half.settings()["amp"] is True
+    assert full.settings()["precision"] == "float32"
+    assert not np.array_equal(mixed, expected)  # it did run in another precision
+    scale = np.abs(expected[brain]).mean()
+    assert np.abs(mixed - expected)[brain].mean() < 0.05 * scale
+    # "auto" follows the model: bfloat16 on the CPU only where the model names it
+    defaults = {k: dict(v) for k, v in FieldConfig.tiny().sampler_defaults.items()}
+    defaults["cpu"]["precision"] = "bfloat16"
+    folder = save_tiny_field_model(tmp_path / "bf16", sampler_defaults=defaults)
+    auto = _engine(folder, temperature=0.0, n_samples=1)
+    auto.predict(signal, b0, bvecs, targets[:1], BVAL, brain)
+    assert auto.settings()["precision"] == ("bfloat16" if cpu_has_bfloat16() else "float32")
+    assert auto.settings()["precision_requested"] == "auto"
+    with pytest.raises(Qid2Error, match="precision must be one of"):
+        _engine(random_field_model, precision="fp8")
+
+
 def test_untrained_engine_returns_the_sh_prior(shell, untrained_field_model):
     signal, b0, brain, bvecs = shell
     targets = hemisphere_directions(5, seed=8)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import EngineUnavailableError, Qid2Error
-from ..model.field_config import SYMMETRY_COUNTS
+from ..model.field_config import PRECISIONS, SYMMETRY_COUNTS
 from .parser import _non_negative_int, _positive_int, _t_start
 
 DEFAULT_METHODS = "sh,interp,none,qid2,mrtrix"
@@ -37,6 +37,7 @@ VARIANT_KEYS = {
     "adapt": ("adapt_steps", int),
     "adapt_lr": ("adapt_lr", float),
     "slice_axis": ("slice_axis", int),
+    "precision": ("precision", str),
 }
 
 #: Real scans bundled with DIPY that --dipy accepts (`evaluation.cases.DIPY_CASES`).
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mirrored copies of each slice averaged; default: the model's setting, as in the app",
     )
     meth.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    meth.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="network precision, as in the app (auto: the model's setting for the device)",
+    )
     meth.add_argument("--batch-size", type=_positive_int, metavar="N")
     meth.add_argument(
         "--qid2-variant",
@@ -214,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra qid2 method 'qid2-NAME' with other sampler settings, e.g. "
         "fast:steps=5,samples=1 (keys: steps, t_start, temperature, samples, symmetries, eta, "
         "log_mean = 0 or 1 (the model's log_mean_from_prior), adapt = --adapt-steps, "
-        "adapt_lr, slice_axis = the voxel axis the slices are cut along); repeatable",
+        "adapt_lr, slice_axis = the voxel axis the slices are cut along, precision); repeatable",
     )
     meth.add_argument("--sh-order", type=int, help="fixed SH order of 'sh' (default: auto)")
     meth.add_argument("--sh-lambda", type=float, default=0.006, help="regularisation of 'sh'")
@@ -295,6 +302,7 @@ def _qid2_methods(args: argparse.Namespace, notes: list[str]) -> list:
         "n_samples": args.n_samples,
         "symmetries": args.symmetries,
         "device": args.device,
+        "precision": args.precision,
         "seed": args.seed,
     }
     if args.batch_size:

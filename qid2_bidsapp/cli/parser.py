@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import __version__
 from ..engines.base import ENGINE_NAMES
 from ..hpc_plugin import PLUGINS
-from ..model.field_config import SYMMETRY_COUNTS
+from ..model.field_config import PRECISIONS, SYMMETRY_COUNTS
 
 
 def _positive_int(value: str) -> int:
@@ -261,6 +261,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="where the network runs; auto: a CUDA GPU when there is one (mixed precision), "
         "else the CPU",
+    )
+    model.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="precision of the network: auto (bfloat16 on a GPU; on the CPU, bfloat16 where "
+        "the model was validated with it and the CPU runs it natively, else float32), "
+        "float32, or bfloat16",
     )
     model.add_argument(
         "--batch-size",

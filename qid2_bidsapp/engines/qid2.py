@@ -229,7 +229,7 @@ def build_qid2_engine(**options) -> Qid2Upsampler:
         "device",
         "batch_size",
         "num_threads",
-        "amp",
+        "precision",
         "slice_axis",
         "affine",
         "adapt_steps",
@@ -306,8 +306,11 @@ class Qid2Upsampler:
         out-of-memory errors.
     num_threads : int, optional
         CPU threads of torch during a prediction (default: leave torch's setting).
-    amp : bool
-        Mixed precision (bf16, else fp16) on CUDA; the CPU always runs float32.
+    precision : {"auto", "float32", "bfloat16"}
+        Autocast precision of the network. ``auto``: bfloat16 (else float16) on CUDA; on the
+        CPU, bfloat16 where the model's CPU settings name it and the CPU runs it natively
+        (AVX512-BF16 or AMX), else float32. ``float32``: no autocast anywhere.
+        ``bfloat16``: bfloat16 everywhere (slow on CPUs without native support).
     eta : float
         DDIM stochasticity.
     slice_axis : int
@@ -354,7 +357,7 @@ class Qid2Upsampler:
         device: str = "auto",
         batch_size: int | None = None,
         num_threads: int | None = None,
-        amp: bool = True,
+        precision: str = "auto",
         eta: float = 0.0,
         slice_axis: int = 2,
         affine=None,
@@ -365,11 +368,13 @@ class Qid2Upsampler:
     ):
         from ..model.adapt import AdaptSettings
         from ..model.checkpoint import load_model
-        from ..model.inference import SamplerSettings
+        from ..model.inference import PRECISIONS, SamplerSettings
         from ..model.sampler import Qid2Sampler
 
         if str(device) not in DEVICES and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if num_threads is not None and num_threads < 0:
@@ -424,7 +429,8 @@ class Qid2Upsampler:
         self.requested_device = str(device)
         self.batch_size = None if batch_size is None else int(batch_size)
         self.num_threads = num_threads or None
-        self.amp = bool(amp)
+        self.precision = str(precision)
+        self._cpu_bfloat16 = self.config.sampler_defaults["cpu"].get("precision") == "bfloat16"
         self.slice_axis = int(slice_axis)
         self.affine = affine
         self._device = None
@@ -442,8 +448,12 @@ class Qid2Upsampler:
                 device = resolve_device(self.requested_device)
             except RuntimeError as err:
                 raise EngineUnavailableError(f"engine 'qid2': {err} (use --device cpu)") from None
+            try:
+                dtype = autocast_dtype(device, self.precision, self._cpu_bfloat16)
+            except ValueError as err:
+                raise EngineUnavailableError(f"engine 'qid2': {err}") from None
             self.network.to(device).eval()
-            self._device, self._dtype = device, autocast_dtype(device, self.amp)
+            self._device, self._dtype = device, dtype
         return self._device, self._dtype
 
     @property
@@ -663,8 +673,8 @@ class Qid2Upsampler:
         dict
             ``model_id``, ``model_sha256``, ``model_dir``, ``sampler`` (n_steps, t_start,
             temperature, n_samples, eta, symmetries), ``seed``, ``device`` (requested, and the
-            one used once a prediction ran), ``amp`` and ``precision`` (float32, or the
-            autocast dtype in use on CUDA),
+            one used once a prediction ran), ``precision_requested``, ``amp`` and
+            ``precision`` (float32, or the autocast dtype in use),
             ``batch_size`` (requested, and the last one used), ``slice_axis``, ``prior``
             (``engine`` "sh" or "dti", ``order``, ``lambda`` and, for SH-field models,
             ``log_mean_from_prior``).
@@ -689,7 +699,7 @@ class Qid2Upsampler:
             "device": self.requested_device if self._device is None else str(self._device),
             "device_requested": self.requested_device,
             "amp": self._dtype is not None,
-            "amp_requested": self.amp,
+            "precision_requested": self.precision,
             "precision": "float32" if self._dtype is None else str(self._dtype)[len("torch.") :],
             "batch_size": "auto" if self.batch_size is None else self.batch_size,
             "batch_size_used": self._batch_used,

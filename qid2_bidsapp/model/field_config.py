@@ -29,6 +29,11 @@ DEFAULT_FIELD_SAMPLER = {
     "cpu": {"n_steps": 1, "n_samples": 1, "t_start": 100, "symmetries": 4},
     "cuda": {"n_steps": 2, "n_samples": 2, "t_start": 100, "symmetries": 4},
 }
+#: Precisions a model's sampler defaults may name.
+MODEL_PRECISIONS = ("float32", "bfloat16")
+#: ``precision`` values of the engine and the CLIs: ``auto`` (the model's setting for the
+#: device), ``float32`` (no autocast) or ``bfloat16`` (bfloat16 autocast on any device).
+PRECISIONS = ("auto", *MODEL_PRECISIONS)
 #: Allowed numbers of mirror symmetries averaged at inference (prefixes of
 #: `plane_symmetry.SYMMETRIES` that are groups).
 SYMMETRY_COUNTS = (1, 2, 4, 8)
@@ -128,7 +133,9 @@ class FieldConfig:
         models run as they were measured.
     sampler_defaults : dict
         ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples``, ``t_start`` and,
-        optionally, ``symmetries`` (default 1).
+        optionally, ``symmetries`` (default 1) and ``precision`` (``float32``, the default,
+        or ``bfloat16``: the precision the model was validated with on that device, used by
+        ``--precision auto`` where the hardware runs it natively).
     version : str
         Layout version.
 
@@ -271,13 +278,21 @@ class FieldConfig:
             if not isinstance(values, dict) or not required <= set(values) <= {
                 *required,
                 "symmetries",
+                "precision",
             }:
                 raise ValueError(
                     f"sampler_defaults must give n_steps, n_samples and t_start (and may give "
-                    f"symmetries) for {kind!r}, got {values!r}"
+                    f"symmetries and precision) for {kind!r}, got {values!r}"
                 )
+            precision = values.get("precision", "float32")
+            if precision not in MODEL_PRECISIONS:
+                raise ValueError(
+                    f"sampler_defaults[{kind!r}]['precision'] must be one of "
+                    f"{', '.join(MODEL_PRECISIONS)}, got {precision!r}"
+                )
+            counts = [v for k, v in values.items() if k != "precision"]
             if (
-                any(int(v) != v or v < 0 for v in values.values())
+                any(isinstance(v, bool) or int(v) != v or v < 0 for v in counts)
                 or min(values["n_steps"], values["n_samples"]) < 1
             ):
                 raise ValueError(f"sampler_defaults[{kind!r}] must be positive integers")

@@ -56,7 +56,7 @@ from .field_features import (
 )
 from .field_inference import field_scheduler, sample_coefficients
 from .field_network import INPUT_CONV_WEIGHT, ShFieldNetwork, TensorFA, widen_input_weights
-from .inference import SamplerSettings, _autocast, pair_generator
+from .inference import SamplerSettings, _autocast, cpu_has_bfloat16, pair_generator
 
 STATE_NAME = "training_state.pt"
 #: Smallest prior FA error used by ``prior_relative`` weights (bounds the largest weight).
@@ -475,20 +475,6 @@ class SlabPool:
             self._seen.add(path.name)
             added += 1
         return added
-
-
-def cpu_has_bfloat16() -> bool:
-    """Whether this CPU runs bfloat16 natively (oneDNN: AVX512-BF16 or AMX).
-
-    Returns
-    -------
-    bool
-
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        return False
 
 
 def training_autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .field_config import check_symmetry_count
+from .field_config import PRECISIONS, check_symmetry_count
 from .sampler import Qid2Sampler, ddim_step
 
 Key = TypeVar("Key")
@@ -176,25 +176,62 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """Return the autocast dtype for a device: bf16 (or fp16) on CUDA, none on the CPU.
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 natively (oneDNN: AVX512-BF16 or AMX).
+
+    Returns
+    -------
+    bool
+
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def autocast_dtype(
+    device: torch.device, precision: str = "auto", cpu_bfloat16: bool = False
+) -> torch.dtype | None:
+    """Return the autocast dtype of inference on a device.
 
     Parameters
     ----------
     device : torch.device
         Where the network runs.
-    amp : bool
-        Whether mixed precision is wanted.
+    precision : {"auto", "float32", "bfloat16"}
+        ``auto``: bfloat16 (float16 where bfloat16 is not supported) on CUDA; on the CPU
+        bfloat16 when ``cpu_bfloat16`` is set and the CPU runs it natively, else float32.
+        ``float32``: no autocast. ``bfloat16``: bfloat16 autocast on any device.
+    cpu_bfloat16 : bool
+        Whether the model was validated with bfloat16 on the CPU (its
+        ``sampler_defaults["cpu"]["precision"]``).
 
     Returns
     -------
     torch.dtype or None
         None means full float32.
 
+    Raises
+    ------
+    ValueError
+        An unknown ``precision``, or ``bfloat16`` on a CUDA GPU without bfloat16.
+
     """
-    if not amp or device.type != "cuda":
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "float32":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cuda = device.type == "cuda"
+    if precision == "bfloat16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU does not support bfloat16; use --precision auto")
+        return torch.bfloat16
+    if cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bfloat16 and cpu_has_bfloat16():
+        return torch.bfloat16
+    return None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

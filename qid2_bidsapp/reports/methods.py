@@ -143,6 +143,7 @@ _QID2_INTERNAL = (
     "model_dir",
     "device_requested",
     "amp_requested",
+    "precision_requested",
     "batch_size",
     "batch_size_used",
     "slice_axis",
