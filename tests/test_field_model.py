@@ -592,6 +592,16 @@ def test_qid2_train_trains_and_exports_a_field_model(tmp_path):
     assert (folder / "model.safetensors").stat().st_size < 0.6 * size
     _, _, half = load_model(folder)
     assert half["training"]["weights_dtype"] == "float16"
+    assert cfg.sampler_defaults["cpu"].get("precision", "float32") == "float32"
+    # --no-resume with --export must not delete the training state it exports from
+    state = tmp_path / "run" / "training_state.pt"
+    before = state.read_bytes()
+    args = [str(path), "--export", "--no-resume", "--export-cpu-precision", "bfloat16"]
+    assert train_main(args) == 0
+    assert state.read_bytes() == before
+    _, cfg, _ = load_model(folder)
+    assert cfg.sampler_defaults["cpu"]["precision"] == "bfloat16"
+    assert cfg.sampler_defaults["cuda"].get("precision", "float32") == "float32"
 
 
 # ----------------------------------------------------------------------------- tensor prior

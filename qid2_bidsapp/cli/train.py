@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import Qid2Error
+from ..model.field_config import MODEL_PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("float32", "float16"),
         default="float32",
         help="SH-field models: how the exported weights are stored (float16 halves the file)",
+    )
+    parser.add_argument(
+        "--export-cpu-precision",
+        choices=MODEL_PRECISIONS,
+        default=None,
+        help="SH-field models: the precision the model was validated with on the CPU, which "
+        "the app's --precision auto uses where the CPU runs bfloat16 natively (default: the "
+        "run's setting, float32 unless its config names another)",
     )
     return parser
 
@@ -139,13 +148,18 @@ def run_field(args: argparse.Namespace) -> Path:
     }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     output = Path(config.output)
+    if args.export:  # never touches the state, whatever --resume says
+        if not (output / STATE_NAME).is_file():
+            raise Qid2Error(f"{output / STATE_NAME}: no training state to export")
+        return export_model(
+            output,
+            output / config.name,
+            weights_dtype=args.export_dtype,
+            cpu_precision=args.export_cpu_precision,
+        )
     if not args.resume:
         for name in (STATE_NAME, "train_log.jsonl"):
             (output / name).unlink(missing_ok=True)
-    if args.export:
-        if not (output / STATE_NAME).is_file():
-            raise Qid2Error(f"{output / STATE_NAME}: no training state to export")
-        return export_model(output, output / config.name, weights_dtype=args.export_dtype)
     state = train_field(config, max_minutes=args.max_minutes)
     steps = _state_step(state)
     if steps >= config.steps:

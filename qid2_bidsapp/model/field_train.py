@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1269,6 +1269,7 @@ def export_model(
     card: str | None = None,
     weights: str | Path | None = None,
     weights_dtype: str = "float32",
+    cpu_precision: str | None = None,
 ) -> Path:
     """Write a model folder from a run: the state's (or a snapshot's) weights, config, card.
 
@@ -1286,6 +1287,10 @@ def export_model(
         one, else the last weights).
     weights_dtype : {"float32", "float16"}
         How the weights are stored (`checkpoint.save_model`).
+    cpu_precision : {"float32", "bfloat16"}, optional
+        The precision the model was validated with on the CPU, written as
+        ``sampler_defaults["cpu"]["precision"]`` (the engine's ``--precision auto`` follows
+        it where the CPU runs bfloat16 natively); default: the run's setting.
 
     Returns
     -------
@@ -1297,6 +1302,10 @@ def export_model(
     output = Path(output)
     state = torch.load(output / STATE_NAME, map_location="cpu", weights_only=True)
     config = FieldConfig(**state["extra"]["model"])
+    if cpu_precision is not None:
+        defaults = {kind: dict(values) for kind, values in config.sampler_defaults.items()}
+        defaults["cpu"]["precision"] = cpu_precision
+        config = replace(config, sampler_defaults=defaults)
     network = ShFieldNetwork(config)
     tensors, exported = state["model"], None
     if "ema" in state["extra"]:  # the moving average of the weights
