@@ -114,6 +114,7 @@ def run_child(case: dict, engine_name: str, options: dict) -> dict:
         settings = engine.settings()
         result["sampler"] = settings["sampler"]
         result["device"] = settings["device"]
+        result["precision"] = settings["precision"]
         result["batch_size_used"] = settings["batch_size_used"]
         result["model_id"] = settings["model_id"]
         if cuda:
@@ -226,7 +227,8 @@ def build_document(rows: list[dict], args: argparse.Namespace, command: str) -> 
             f"- Code: {code_location()}",
             f"- Machine: {machine_line()}",
             f"- Load average (1/5/15 min) at start: {args.load_at_start}",
-            f"- Model: `{first.get('model_id', '?')}`; device {first.get('device', '?')}; "
+            f"- Model: `{first.get('model_id', '?')}`; device {first.get('device', '?')}, "
+            f"precision {first.get('precision', '?')}; "
             f"sampler {json.dumps(sampler)} (the model's defaults for this device unless "
             "given on the command line)",
             "",
