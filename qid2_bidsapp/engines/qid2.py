@@ -396,6 +396,11 @@ class Qid2Upsampler:
             )
             self.network.config = self.config
         kind = "cuda" if str(device) != "cpu" and qid2_uses_cuda(str(device)) else "cpu"
+        if kind == "cuda" and precision == "bfloat16":  # fail at preflight, not mid-run
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                raise ValueError("this GPU does not support bfloat16; use --precision auto")
         defaults = self.config.sampler_defaults[kind]
         if t_start is None:  # the model's setting (per-target models: 200, as before)
             t_start = defaults.get("t_start", DEFAULT_T_START)
