@@ -312,6 +312,10 @@ def test_precision_of_the_network():
     defaults["cpu"]["precision"] = "half"
     with pytest.raises(ValueError, match="precision"):
         FieldConfig.tiny(sampler_defaults=defaults)
+    defaults["cpu"]["precision"] = "float32"
+    defaults["cuda"]["precision"] = "float32"  # CUDA's precision is not a model setting
+    with pytest.raises(ValueError, match="'cuda'"):
+        FieldConfig.tiny(sampler_defaults=defaults)
 
 
 def test_engine_runs_in_bfloat16_when_asked(shell, random_field_model, tmp_path):

@@ -133,9 +133,10 @@ class FieldConfig:
         models run as they were measured.
     sampler_defaults : dict
         ``{"cpu": {...}, "cuda": {...}}`` with ``n_steps``, ``n_samples``, ``t_start`` and,
-        optionally, ``symmetries`` (default 1) and ``precision`` (``float32``, the default,
-        or ``bfloat16``: the precision the model was validated with on that device, used by
-        ``--precision auto`` where the hardware runs it natively).
+        optionally, ``symmetries`` (default 1); ``"cpu"`` may also give ``precision``
+        (``float32``, the default, or ``bfloat16``: the precision the model was validated with
+        on the CPU, which ``--precision auto`` uses where the CPU runs bfloat16 natively; on
+        CUDA ``auto`` always means bfloat16, or float16 where bfloat16 is missing).
     version : str
         Layout version.
 
@@ -275,14 +276,11 @@ class FieldConfig:
         for kind in ("cpu", "cuda"):
             values = self.sampler_defaults.get(kind)
             required = {"n_steps", "n_samples", "t_start"}
-            if not isinstance(values, dict) or not required <= set(values) <= {
-                *required,
-                "symmetries",
-                "precision",
-            }:
+            optional = {"symmetries", "precision"} if kind == "cpu" else {"symmetries"}
+            if not isinstance(values, dict) or not required <= set(values) <= required | optional:
                 raise ValueError(
                     f"sampler_defaults must give n_steps, n_samples and t_start (and may give "
-                    f"symmetries and precision) for {kind!r}, got {values!r}"
+                    f"{' and '.join(sorted(optional))}) for {kind!r}, got {values!r}"
                 )
             precision = values.get("precision", "float32")
             if precision not in MODEL_PRECISIONS:
