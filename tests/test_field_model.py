@@ -342,6 +342,16 @@ def test_engine_runs_in_bfloat16_when_asked(shell, random_field_model, tmp_path)
     assert auto.settings()["precision_requested"] == "auto"
     with pytest.raises(Qid2Error, match="precision must be one of"):
         _engine(random_field_model, precision="fp8")
+    # qid2-eval names the model and the precision its qid2 rows ran in
+    from qid2_bidsapp.cli.eval import _qid2_methods, build_parser
+
+    notes = []
+    args = build_parser().parse_args(
+        ["--phantom", "1", "--out", str(tmp_path / "ev"), "--model", str(folder), "--device", "cpu"]
+    )
+    assert [m.label for m in _qid2_methods(args, notes)] == ["qid2"]
+    expected = "bfloat16" if cpu_has_bfloat16() else "float32"
+    assert any(f"device cpu, precision {expected}" in note for note in notes), notes
 
 
 def test_untrained_engine_returns_the_sh_prior(shell, untrained_field_model):

@@ -314,6 +314,15 @@ def _qid2_methods(args: argparse.Namespace, notes: list[str]) -> list:
             raise Qid2Error(f"--model {args.model}: not a folder") from None
         notes.append(f"qid2 skipped: {err}")
         return []
+    try:
+        precision = engine.resolved_precision()
+    except EngineUnavailableError as err:
+        notes.append(f"qid2 skipped: {err}")
+        return []
+    notes.append(
+        f"qid2: model {engine.info['model_id']}, device {engine.settings()['device']}, "
+        f"precision {precision} (variants may set their own)"
+    )
     base["expected_sha256"] = engine.info["sha256"]
     methods = [Method("qid2", "qid2", base)]
     for name, options in args.qid2_variant:

@@ -461,6 +461,23 @@ class Qid2Upsampler:
             self._device, self._dtype = device, dtype
         return self._device, self._dtype
 
+    def resolved_precision(self) -> str:
+        """Return the precision the network runs in here (``float32``, ``bfloat16``, ...).
+
+        Returns
+        -------
+        str
+            What ``--precision`` resolves to on this machine's device (moves the network there).
+
+        Raises
+        ------
+        EngineUnavailableError
+            When the device or the precision is not available.
+
+        """
+        _, dtype = self._ready()
+        return "float32" if dtype is None else str(dtype)[len("torch.") :]
+
     @property
     def frame_affine(self) -> np.ndarray:
         """The affine that sets the FSL x flip: the volumes' own, else one with det < 0 (none)."""
