@@ -834,39 +834,42 @@ class FieldTrainer:
             fit2_fa = masked_mean((fa(fit2, bval) - fa(target, bval)).abs(), mask).item()
         else:  # the prior is the tensor fit itself
             fit2_fa = pri["fa_mae"]
-        out = self._network_scores(self.network, "net")
+        real_condition = None
+        if self.real_validation is not None:
+            real_condition = self._on_device(self.real_validation["condition"])
+        inputs = (condition, target, mask, bval, real_condition)
+        out = self._network_scores(self.network, "net", inputs)
         out.update({f"prior_{k}": v for k, v in pri.items()})
         out["fit2_fa_mae"] = fit2_fa
-        if self.real_validation is not None:
-            real = self.real_validation
-            out["prior_real_mse"] = real_signal_loss(
-                self._on_device(real["condition"])[:, self.network.prior_channels], real
-            ).item()
+        if real_condition is not None:
+            prior_real = real_condition[:, self.network.prior_channels]
+            out["prior_real_mse"] = real_signal_loss(prior_real, self.real_validation).item()
         average = self._average()
         if average is not None:
-            out.update(self._network_scores(average, "ema"))
+            out.update(self._network_scores(average, "ema", inputs))
         return out
 
-    def _network_scores(self, network: torch.nn.Module, name: str) -> dict[str, float]:
-        """Return the loss parts of `network` on the validation examples (and real crops)."""
+    def _network_scores(
+        self, network: torch.nn.Module, name: str, inputs: tuple
+    ) -> dict[str, float]:
+        """Return the loss parts of `network` on the validation examples (and real crops).
+
+        ``inputs`` are the validation tensors on the device, as `validate` made them:
+        condition, target, mask, bval and the real crops' condition (or None).
+        """
         network.eval()
-        val = self.validation
-        condition, target, mask, bval = (
-            self._on_device(val[key]) for key in ("condition", "target", "mask", "bval")
-        )
+        condition, target, mask, bval, cond = inputs
         sampler = SamplerSettings(**_sampler_settings(self.model_config, "cpu"))
         generators = [pair_generator(0, i) for i in range(len(target))]
         samples = sample_coefficients(network, self.scheduler, condition, generators, sampler)
         pred = self._as_run(samples.mean(dim=1), condition)
         _, parts = self.loss(pred, target, mask, bval)
         out = {f"{name}_{k}": v for k, v in parts.items()}
-        if self.real_validation is not None:
-            real = self.real_validation
-            cond = self._on_device(real["condition"])
+        if cond is not None:
             gens = [pair_generator(1, i) for i in range(len(cond))]
             pred = sample_coefficients(network, self.scheduler, cond, gens, sampler).mean(1)
             pred = self._as_run(pred, cond)
-            out[f"{name}_real_mse"] = real_signal_loss(pred, real).item()
+            out[f"{name}_real_mse"] = real_signal_loss(pred, self.real_validation).item()
         return out
 
     def _average(self) -> torch.nn.Module | None:
