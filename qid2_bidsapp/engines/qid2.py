@@ -366,15 +366,15 @@ class Qid2Upsampler:
         symmetries: int | None = None,
         log_mean_from_prior: bool | None = None,
     ):
+        import torch
+
         from ..model.adapt import AdaptSettings
         from ..model.checkpoint import load_model
-        from ..model.inference import PRECISIONS, SamplerSettings
+        from ..model.inference import SamplerSettings, autocast_dtype
         from ..model.sampler import Qid2Sampler
 
         if str(device) not in DEVICES and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if num_threads is not None and num_threads < 0:
@@ -396,11 +396,7 @@ class Qid2Upsampler:
             )
             self.network.config = self.config
         kind = "cuda" if str(device) != "cpu" and qid2_uses_cuda(str(device)) else "cpu"
-        if kind == "cuda" and precision == "bfloat16":  # fail at preflight, not mid-run
-            import torch
-
-            if not torch.cuda.is_bf16_supported():
-                raise ValueError("this GPU does not support bfloat16; use --precision auto")
+        autocast_dtype(torch.device(kind), precision)  # a bad precision fails at preflight
         defaults = self.config.sampler_defaults[kind]
         if t_start is None:  # the model's setting (per-target models: 200, as before)
             t_start = defaults.get("t_start", DEFAULT_T_START)
@@ -435,7 +431,6 @@ class Qid2Upsampler:
         self.batch_size = None if batch_size is None else int(batch_size)
         self.num_threads = num_threads or None
         self.precision = str(precision)
-        self._cpu_bfloat16 = self.config.sampler_defaults["cpu"].get("precision") == "bfloat16"
         self.slice_axis = int(slice_axis)
         self.affine = affine
         self._device = None
@@ -453,8 +448,9 @@ class Qid2Upsampler:
                 device = resolve_device(self.requested_device)
             except RuntimeError as err:
                 raise EngineUnavailableError(f"engine 'qid2': {err} (use --device cpu)") from None
+            cpu_bfloat16 = self.config.sampler_defaults["cpu"].get("precision") == "bfloat16"
             try:
-                dtype = autocast_dtype(device, self.precision, self._cpu_bfloat16)
+                dtype = autocast_dtype(device, self.precision, cpu_bfloat16)
             except ValueError as err:
                 raise EngineUnavailableError(f"engine 'qid2': {err}") from None
             self.network.to(device).eval()
@@ -475,8 +471,12 @@ class Qid2Upsampler:
             When the device or the precision is not available.
 
         """
-        _, dtype = self._ready()
-        return "float32" if dtype is None else str(dtype)[len("torch.") :]
+        self._ready()
+        return self._precision_used()
+
+    def _precision_used(self) -> str:
+        """Name the autocast dtype in use (``float32`` when none, or before a prediction)."""
+        return "float32" if self._dtype is None else str(self._dtype)[len("torch.") :]
 
     @property
     def frame_affine(self) -> np.ndarray:
@@ -722,7 +722,7 @@ class Qid2Upsampler:
             "device_requested": self.requested_device,
             "amp": self._dtype is not None,
             "precision_requested": self.precision,
-            "precision": "float32" if self._dtype is None else str(self._dtype)[len("torch.") :],
+            "precision": self._precision_used(),
             "batch_size": "auto" if self.batch_size is None else self.batch_size,
             "batch_size_used": self._batch_used,
             "slice_axis": self.slice_axis,
