@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from dataclasses import dataclass, field
-from os import PathLike
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from .config_base import UNetConfig
 
 #: Version of the configuration layout; bump when a field changes meaning.
 CONFIG_VERSION = "1.0"
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
 #: Sampler settings per device kind when a model's config.json names none.
 DEFAULT_SAMPLER = {"cpu": {"n_steps": 3, "n_samples": 2}, "cuda": {"n_steps": 10, "n_samples": 4}}
-_TUPLE_FIELDS = ("channels", "attention_levels")
-_MAX_NORM_GROUPS = 32
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(UNetConfig):
     """Hyper-parameters of the QID² network, noise schedule and signal normalisation.
 
     Parameters
@@ -45,7 +39,7 @@ class ModelConfig:
     num_train_timesteps : int
         Length T of the training noise schedule.
     schedule : str
-        MONAI noise schedule name, one of `SCHEDULES`.
+        MONAI noise schedule name, one of `config_base.SCHEDULES`.
     beta_start, beta_end : float
         Range of the beta schedules (MONAI defaults); ignored by ``"cosine"``.
     prediction_type : str
@@ -90,6 +84,8 @@ class ModelConfig:
     sampler_defaults: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER))
     version: str = field(default=CONFIG_VERSION)
 
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("channels", "attention_levels")
+
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
@@ -112,17 +108,6 @@ class ModelConfig:
         """Direction tokens per target: the target, then the R references."""
         return self.n_references + 1
 
-    @property
-    def spatial_multiple(self) -> int:
-        """H and W must be multiples of this: ``2 ** (len(channels) - 1)``."""
-        return 2 ** (len(self.channels) - 1)
-
-    @property
-    def norm_num_groups(self) -> int:
-        """Group-norm groups: the largest divisor of gcd(channels) that is at most 32."""
-        common = math.gcd(*self.channels)
-        return max(g for g in range(1, min(common, _MAX_NORM_GROUPS) + 1) if common % g == 0)
-
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> None:
@@ -136,15 +121,12 @@ class ModelConfig:
         """
         if self.n_references < 1:
             raise ValueError(f"n_references must be >= 1, got {self.n_references}")
-        if not self.channels or any(c < 1 for c in self.channels):
-            raise ValueError(f"channels must be positive integers, got {self.channels}")
+        self._validate_unet_and_schedule()
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(
                 f"attention_levels {self.attention_levels} must have one entry per level of "
                 f"channels {self.channels}"
             )
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         attending = [c for c, a in zip(self.channels, self.attention_levels, strict=True) if a]
         attending.append(self.channels[-1])  # the middle block always has attention
         if self.num_head_channels < 1 or any(c % self.num_head_channels for c in attending):
@@ -154,22 +136,10 @@ class ModelConfig:
             )
         if self.token_dim < 1:
             raise ValueError(f"token_dim must be >= 1, got {self.token_dim}")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(
-                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
-            )
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
-        if not self.signal_clip > 0:
-            raise ValueError(f"signal_clip must be > 0, got {self.signal_clip}")
-        if not self.prior_lambda >= 0:
-            raise ValueError(f"prior_lambda must be >= 0, got {self.prior_lambda}")
         if self.prior_residual and self.prediction_type != "sample":
             raise ValueError(
                 "prior_residual needs prediction_type 'sample' (the network output is the "
@@ -240,82 +210,3 @@ class ModelConfig:
         }
         values.update(overrides)
         return cls(**values)
-
-    # ------------------------------------------------------------------ serialisation
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the configuration as a JSON-serialisable dict (tuples become lists).
-
-        Returns
-        -------
-        dict
-
-        """
-        values = dataclasses.asdict(self)
-        for name in _TUPLE_FIELDS:
-            values[name] = list(values[name])
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Build a configuration from `to_dict` output.
-
-        Parameters
-        ----------
-        values : dict
-            Field values; missing fields take their defaults.
-
-        Returns
-        -------
-        ModelConfig
-
-        Raises
-        ------
-        ValueError
-            For unknown fields (a typo or a configuration from another version) and for
-            inconsistent values.
-
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model configuration field(s): {', '.join(unknown)}")
-        values = dict(values)
-        for name in _TUPLE_FIELDS:
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
-
-    def to_json(self, path: str | PathLike) -> Path:
-        """Write the configuration as JSON.
-
-        Parameters
-        ----------
-        path : str or PathLike
-            Destination file (overwritten).
-
-        Returns
-        -------
-        Path
-            The written file.
-
-        """
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
-
-    @classmethod
-    def from_json(cls, path: str | PathLike) -> ModelConfig:
-        """Read a configuration written by `to_json`.
-
-        Parameters
-        ----------
-        path : str or PathLike
-            The JSON file.
-
-        Returns
-        -------
-        ModelConfig
-
-        """
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -8,15 +8,11 @@ See `qid2_bidsapp.model.field_features` for the inputs and `field_network` for t
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
-from os import PathLike
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .config import SCHEDULES
+from .config_base import UNetConfig
 
 #: The model kind written in config.json (the per-target QID² model has no ``kind`` field).
 FIELD_KIND = "sh-field"
@@ -73,12 +69,10 @@ N_SCALAR_CHANNELS = 3
 N_SUMMARY_CHANNELS = 4
 #: Priors: a regularised SH fit (``sh``) or the SH projection of a tensor fit (``dti``).
 PRIORS = ("sh", "dti")
-_TUPLE_FIELDS = ("channels", "order_scales")
-_MAX_NORM_GROUPS = 32
 
 
 @dataclass
-class FieldConfig:
+class FieldConfig(UNetConfig):
     """Architecture, inputs, normalisation and noise schedule of an SH-field model.
 
     Parameters
@@ -168,6 +162,7 @@ class FieldConfig:
 
     #: What the network predicts (fixed: the clean coefficients, as a correction of the prior).
     prediction_type = "sample"
+    _TUPLE_FIELDS: ClassVar[tuple[str, ...]] = ("channels", "order_scales")
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -212,17 +207,6 @@ class FieldConfig:
         """U-Net input channels: the noisy coefficients plus the condition."""
         return self.n_coefficients + self.condition_channels
 
-    @property
-    def spatial_multiple(self) -> int:
-        """H and W must be multiples of this: ``2 ** (len(channels) - 1)``."""
-        return 2 ** (len(self.channels) - 1)
-
-    @property
-    def norm_num_groups(self) -> int:
-        """Group-norm groups: the largest divisor of gcd(channels) that is at most 32."""
-        common = math.gcd(*self.channels)
-        return max(g for g in range(1, min(common, _MAX_NORM_GROUPS) + 1) if common % g == 0)
-
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> None:
@@ -247,26 +231,11 @@ class FieldConfig:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.context_slices < 0:
             raise ValueError(f"context_slices must be >= 0, got {self.context_slices}")
-        if not self.channels or any(c < 1 for c in self.channels):
-            raise ValueError(f"channels must be positive integers, got {self.channels}")
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        self._validate_unet_and_schedule()
         if self.num_head_channels < 1 or self.channels[-1] % self.num_head_channels:
             raise ValueError(
                 f"num_head_channels {self.num_head_channels} must divide the last level's "
                 f"channels {self.channels[-1]}"
-            )
-        if not self.prior_lambda >= 0:
-            raise ValueError(f"prior_lambda must be >= 0, got {self.prior_lambda}")
-        if not self.signal_clip > 0:
-            raise ValueError(f"signal_clip must be > 0, got {self.signal_clip}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise ValueError(
-                f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
             )
         if not 0 <= self.max_timestep < self.num_train_timesteps:
             raise ValueError(
@@ -315,47 +284,3 @@ class FieldConfig:
         values: dict[str, Any] = {"channels": (8, 16, 16), "num_head_channels": 8}
         values.update(overrides)
         return cls(**values)
-
-    # ------------------------------------------------------------------ serialisation
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the configuration as a JSON-serialisable dict (tuples become lists)."""
-        values = dataclasses.asdict(self)
-        for name in _TUPLE_FIELDS:
-            values[name] = list(values[name])
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FieldConfig:
-        """Build a configuration from `to_dict` output.
-
-        Parameters
-        ----------
-        values : dict
-            Field values; missing fields take their defaults.
-
-        Returns
-        -------
-        FieldConfig
-
-        Raises
-        ------
-        ValueError
-            For unknown fields and inconsistent values.
-
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model configuration field(s): {', '.join(unknown)}")
-        values = dict(values)
-        for name in _TUPLE_FIELDS:
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
-
-    def to_json(self, path: str | PathLike) -> Path:
-        """Write the configuration as JSON; returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path
