@@ -274,8 +274,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive_int,
         metavar="N",
-        help="(slice, direction) pairs per network batch (default: from the free memory; "
-        "halved automatically when memory runs out)",
+        help="network batch: slices for SH-field models such as the default, (slice, "
+        "direction) pairs for per-target models (default: from the free memory; halved "
+        "automatically when memory runs out)",
     )
 
     perf = parser.add_argument_group("Performance and execution")

@@ -302,8 +302,8 @@ class Qid2Upsampler:
     device : {"auto", "cpu", "cuda"}
         Where the network runs; ``auto`` uses a CUDA GPU when there is one.
     batch_size : int, optional
-        (slice, target) pairs per batch; default from the free memory. Halved on
-        out-of-memory errors.
+        Network batch: slices for SH-field models, (slice, target) pairs for per-target
+        models; default from the free memory. Halved on out-of-memory errors.
     num_threads : int, optional
         CPU threads of torch during a prediction (default: leave torch's setting).
     precision : {"auto", "float32", "bfloat16"}

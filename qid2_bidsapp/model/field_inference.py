@@ -86,7 +86,7 @@ def sample_coefficients(
     settings : SamplerSettings
         Steps, ``t_start`` (None: from pure noise at T - 1), temperature, K, eta.
     dtype : torch.dtype, optional
-        Autocast dtype (CUDA); None runs float32.
+        Autocast dtype of the network (None: float32).
 
     Returns
     -------
@@ -241,7 +241,7 @@ def synthesise_shell_field(
     batch_size : int, optional
         Slices per batch (default from free memory).
     dtype : torch.dtype, optional
-        Autocast dtype on CUDA.
+        Autocast dtype of the network (None: float32).
     progress : str, optional
         Progress-bar label (default ``"qid2 b=<b>"``).
 

@@ -386,7 +386,7 @@ def auto_batch_size(
     device : torch.device
         Where it runs.
     dtype : torch.dtype, optional
-        Autocast dtype on CUDA.
+        Autocast dtype of the network (None: float32).
 
     Returns
     -------
