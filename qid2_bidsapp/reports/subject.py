@@ -66,7 +66,9 @@ QC_COLUMN_HELP: dict[str, str] = {
     "hidden_nrmse_floor": "self-check NRMSE a perfect prediction would score: the hidden "
     "volumes' own noise, σ / RMS(hidden signal)",
     "fa_change_upsampled": "mean (FA upsampled − FA acquired) in the mask, signed",
-    "trust": "verdict of the three checks below (pass: all pass; warn: at least one warns)",
+    "trust": "verdict of the three trust checks (the participant report's 'Can this "
+    "up-sampling be trusted?'): pass when all that could be computed pass, warn when one warns, "
+    "n/a when none could be computed",
     "trust_warnings": "checks that warned",
     "runtime_s": "wall time of the up-sampling of this shell (seconds)",
 }
