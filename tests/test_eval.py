@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -36,7 +37,7 @@ from qid2_bidsapp.evaluation.metrics import (
     ssim_map,
     volume_ssim,
 )
-from qid2_bidsapp.evaluation.report import add_ratios, read_tsv
+from qid2_bidsapp.evaluation.report import _verdicts, add_ratios, read_tsv
 from qid2_bidsapp.evaluation.split import best_spread_subset, subset_energy, uniform_split
 from qid2_bidsapp.gradients import largest_angular_gap_deg, select_target_directions
 from qid2_bidsapp.qc import fit_dti
@@ -192,8 +193,8 @@ def phantom():
 def test_harness_reproduces_the_sh_baseline_numbers(phantom):
     assert phantom.protocol() == "b1000: 15->30"
     rows = evaluate_case(phantom, [Method("sh", "sh"), Method("none", "none")])
-    sh, none, full = rows
-    assert [r["method"] for r in rows] == ["sh", "none", "full"]
+    sh, none, perfect, full = rows
+    assert [r["method"] for r in rows] == ["sh", "none", "perfect", "full"]
     assert list(sh) == list(COLUMNS)
     for key, value in GOLDEN_SH.items():
         assert sh[key] == pytest.approx(value, rel=1e-5), key
@@ -223,6 +224,13 @@ def test_harness_reproduces_the_sh_baseline_numbers(phantom):
         assert sh[f"rish_l{ell}_nmse"] == pytest.approx(none[f"rish_l{ell}_nmse"], rel=1e-6)
     assert math.isnan(none["nrmse"]) and math.isnan(full["fa_mae"])
     assert 0 < full["fa_mae_truth"] < none["fa_mae_truth"]  # 30 directions beat 15
+    # the perfect row predicts the noise-free held-out signal: exact against the truth, and
+    # its FA is that of the given volumes merged with it, computed here without the harness
+    assert perfect["nrmse_truth"] == 0.0 and perfect["nrmse"] > 0
+    merged[..., held] = phantom.truth[..., held]
+    fa_perfect = fit_dti(merged, phantom.bvals, phantom.bvecs, phantom.mask).fa
+    assert perfect["fa_mae"] == pytest.approx(np.abs(fa_perfect - fa_full)[phantom.mask].mean())
+    assert perfect["fa_mae_truth"] < min(sh["fa_mae_truth"], none["fa_mae_truth"])
     # an identity "prediction" of the held-out volumes scores perfectly
     assert nrmse(phantom.data[..., held], phantom.data[..., held], phantom.mask) == 0.0
 
@@ -239,6 +247,13 @@ def test_ratios_name_the_best_classical_method(phantom):
     assert by[best]["ratio"] == pytest.approx(1.0)
     assert by["interp"]["ratio"] == pytest.approx(by["interp"]["fa_mae"] / by[best]["fa_mae"])
     assert math.isnan(by["full"]["ratio"])
+    perfect = by["perfect"]
+    assert perfect["ratio_truth"] == pytest.approx(
+        perfect["fa_mae_truth"] / min(by["sh"]["fa_mae_truth"], by["none"]["fa_mae_truth"])
+    )
+    (line,) = [v for v in _verdicts(rows) if v.startswith("- `perfect`")]
+    assert f"{perfect['ratio']:.2f} against the full acquisition" in line
+    assert f"{perfect['ratio_truth']:.2f} against the truth" in line
 
 
 def test_restrict_directions_makes_the_smaller_protocol():
@@ -364,8 +379,9 @@ def test_simulated_cases_give_both_protocols_with_truth():
     assert (second.group, second.protocol()) == ("sim-15to45", "b1000: 15->45")
     assert first.truth.shape == first.data.shape and first.data.shape[2] == 3
     assert np.sum(first.bvals == 0) == 6
-    rows = evaluate_case(second, [Method("none", "none")])
-    assert rows[0]["fa_mae_truth"] > rows[1]["fa_mae_truth"] > 0  # full beats its third
+    by = {r["method"]: r for r in evaluate_case(second, [Method("none", "none")])}
+    assert by["none"]["fa_mae_truth"] > by["full"]["fa_mae_truth"] > 0  # full beats its third
+    assert by["none"]["fa_mae_truth"] > by["perfect"]["fa_mae_truth"] > 0
 
 
 def test_sim_slab_option_is_parsed_and_checked():
@@ -377,6 +393,14 @@ def test_sim_slab_option_is_parsed_and_checked():
     for bad in ("40:30", "a:b", "30"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--simulated", "1", "--sim-slab", bad, "--out", "x"])
+
+
+@pytest.mark.parametrize("name", ["full", "perfect"])
+def test_variant_names_of_reference_rows_are_refused(name):
+    from qid2_bidsapp.cli.eval import _variant
+
+    with pytest.raises(argparse.ArgumentTypeError, match="reference row"):
+        _variant(f"{name}:steps=2")
 
 
 # ----------------------------------------------------------------------------- extra metrics

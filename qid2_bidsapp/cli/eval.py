@@ -49,22 +49,24 @@ shell (lowest antipodal electrostatic energy) are given to the method, which pre
 (held-out) directions. FA: single-tensor WLS DTI on input + predicted volumes (`none`: on the
 input alone), compared in the brain mask with DTI on the full acquisition (and, for simulations,
 on the noise-free truth: the `(truth)` columns; the `full` row is the full acquisition itself
-against the truth, the floor set by the noise). FA SSIM: Gaussian-window SSIM (σ = 1.5 voxels,
-3D, data range 1) averaged in the mask. NRMSE / PSNR / SSIM: predicted vs acquired held-out
-volumes in the mask (peak = the reference's maximum in the mask). RISH NMSE: rotation-invariant
-SH features (order 4, λ = 0.006, DIPY descoteaux07 basis) of input + predicted volumes vs those
-of the full acquisition, averaged over shells. `vs best classical`: median over cases of the
-method's FA MAE divided by the lower FA MAE of `sh` and `none` on the same case (< 0.85 = beats
-the best classical method by at least 15 %). seconds: prediction time per case (median).
-FA bias: mean of (merged FA - reference FA) in the mask, signed (negative: the method lowers FA).
-MD MAE: in 10^-3 mm^2/s. `≈ N acquired` (`--equivalent-directions`): DTI is fitted on best-spread
-subsets of N directions of the full acquisition (all b=0 kept); the method's FA MAE is matched on
-that curve (linear interpolation): its data are worth N acquired directions ("> full": better
-than the full scan against the truth; "< smallest": worse than 6 directions). CSD
-(`--hardi`): DIPY constrained spherical deconvolution (one response, from the reference; order
-from the direction count, 6-8) on the merged data vs on the reference, in white matter
-(reference FA > 0.3, at most 6000 voxels): median fODF angular correlation (ACC, orders >= 2)
-and median angle between the largest fODF peaks.
+against the truth, the floor set by the noise; the `perfect` row merges the given volumes with
+the noise-free signal at the held-out directions: what an exact prediction would gain). FA SSIM:
+Gaussian-window SSIM (σ = 1.5 voxels, 3D, data range 1) averaged in the mask. NRMSE / PSNR /
+SSIM: predicted vs acquired held-out volumes in the mask (peak = the reference's maximum in the
+mask). RISH NMSE: rotation-invariant SH features (order 4, λ = 0.006, DIPY descoteaux07 basis)
+of input + predicted volumes vs those of the full acquisition, averaged over shells. `vs best
+classical`: median over cases of the method's FA MAE divided by the lower FA MAE of `sh` and
+`none` on the same case (< 0.85 = beats the best classical method by at least 15 %). seconds:
+prediction time per case (median). FA bias: mean of (merged FA - reference FA) in the mask,
+signed (negative: the method lowers FA). MD MAE: in 10^-3 mm^2/s. `≈ N acquired`
+(`--equivalent-directions`): DTI is fitted on best-spread subsets of N directions of the full
+acquisition (all b=0 kept); the method's FA MAE is matched on that curve (linear interpolation):
+its data are worth N acquired directions ("> full": better than the full scan against the truth;
+"< smallest": worse than 6 directions). CSD (`--hardi`): DIPY constrained spherical
+deconvolution (one response, from the reference; order from the direction count, 6-8) on the
+merged data vs on the reference, in white matter (reference FA > 0.3, at most 6000 voxels):
+median fODF angular correlation (ACC, orders >= 2) and median angle between the largest fODF
+peaks.
 """
 
 
@@ -89,6 +91,12 @@ def _variant(value: str) -> tuple[str, dict]:
     name, _, settings = value.partition(":")
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise argparse.ArgumentTypeError(f"variant needs a name such as fast:steps=5, got {value}")
+    from ..evaluation.harness import REFERENCE_ROWS
+
+    if name in REFERENCE_ROWS:
+        raise argparse.ArgumentTypeError(
+            f"variant name {name!r} is taken by a reference row ({', '.join(REFERENCE_ROWS)})"
+        )
     options = {}
     for item in filter(None, settings.split(",")):
         key, _, raw = item.partition("=")

@@ -14,6 +14,11 @@ from .metrics import fa_mae, nrmse, psnr, rish_features, ssim, volume_ssim
 
 #: The row of the full acquisition itself (scored against the truth only; simulations).
 FULL = "full"
+#: The row of a perfect up-sampler (simulations): the noise-free signal at every held-out
+#: direction, merged with the noisy given volumes: what an exact prediction would gain there.
+PERFECT = "perfect"
+#: Row names that are not methods (`qid2-eval` refuses them as variant names).
+REFERENCE_ROWS = (FULL, PERFECT)
 #: RISH orders reported.
 RISH_ORDERS = (0, 2, 4)
 
@@ -158,8 +163,9 @@ def evaluate_case(
     -------
     list of dict
         One row per method (keys: `COLUMNS`; metrics that do not apply are NaN), plus, for a
-        case with a truth, a ``full`` row: the full acquisition scored against the truth (the
-        floor set by the noise).
+        case with a truth, a ``perfect`` row (`PERFECT`: the noise-free held-out volumes as
+        the prediction, scored like a method) and a ``full`` row: the full acquisition scored
+        against the truth (the floor set by the noise).
 
     """
     mask = case.mask
@@ -240,6 +246,21 @@ def evaluate_case(
                 f"{seconds:.1f} s"
             )
     if truth is not None:
+        perfect = truth[..., held]
+        data = case.data.copy()
+        data[..., held] = perfect
+        dti = fit_dti(data, case.bvals, case.bvecs, mask, b0_threshold=thr)
+        row = {**base, "method": PERFECT}
+        score(
+            row,
+            data,
+            case.bvals,
+            case.bvecs,
+            dti,
+            _rish_by_shell(data, case.bvecs, labels, mask),
+            perfect,
+        )
+        rows.append(_complete(row))
         row = {**base, "method": FULL, "n_input": int(held.size + base["n_input"])}
         row["n_heldout"] = 0
         truth_only = {"truth": references["truth"]}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .harness import COLUMNS, FULL
+from .harness import COLUMNS, FULL, PERFECT
 from .methods import CLASSICAL
 
 #: Ratio under which a method counts as beating the best classical method by >= 15 %.
@@ -231,6 +231,9 @@ def _verdicts(group_rows: list[dict]) -> list[str]:
     for method in _methods(group_rows):
         if method in CLASSICAL or method == FULL:
             continue
+        if method == PERFECT:
+            lines.extend(_perfect_line(group_rows))
+            continue
         ratio = _median(r.get("ratio") for r in group_rows if r["method"] == method)
         if not _is_number(ratio):
             continue
@@ -257,6 +260,26 @@ def _verdicts(group_rows: list[dict]) -> list[str]:
                 f"{n_cases_m} case(s){listed}."
             )
     return lines
+
+
+def _perfect_line(group_rows: list[dict]) -> list[str]:
+    """Return the line on the ``perfect`` row: what an exact prediction would gain here."""
+    rows = [r for r in group_rows if r["method"] == PERFECT]
+    parts = [
+        f"{_median(r.get(key) for r in rows):.2f} {label}"
+        for key, label in (
+            ("ratio", "against the full acquisition"),
+            ("ratio_truth", "against the truth"),
+        )
+        if _is_number(_median(r.get(key) for r in rows))
+    ]
+    if not parts:
+        return []
+    return [
+        f"- `perfect` (the noise-free signal at the held-out directions, merged with the given "
+        f"volumes: what an exact prediction would gain here): median FA MAE ratio to the best "
+        f"classical method {' and '.join(parts)}."
+    ]
 
 
 def _worse_than_none(group_rows: list[dict], method: str) -> tuple[int, int, list[str]] | None:
