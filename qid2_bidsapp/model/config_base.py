@@ -42,7 +42,14 @@ class UNetConfig:
     # ------------------------------------------------------------------ checks
 
     def _validate_unet_and_schedule(self) -> None:
-        """Check the U-Net levels and the noise schedule; `ValueError` names the field."""
+        """Check the U-Net levels, the noise schedule, ``signal_clip`` and ``prior_lambda``.
+
+        Raises
+        ------
+        ValueError
+            Naming the first inconsistent field.
+
+        """
         if not self.channels or any(c < 1 for c in self.channels):
             raise ValueError(f"channels must be positive integers, got {self.channels}")
         if self.num_res_blocks < 1:
