@@ -223,11 +223,8 @@ def evaluate_case(
                 row[f"csd_acc{suffix[name]}"] = metrics["csd_acc"]
                 row[f"csd_peak_deg{suffix[name]}"] = metrics["csd_peak_deg"]
 
-    rows = []
-    for method in methods:
-        start = time.perf_counter()
-        prediction = predict_heldout(method, case)
-        seconds = time.perf_counter() - start
+    def scored_row(label: str, prediction: np.ndarray | None, seconds: float) -> dict:
+        """Merge a prediction into the input (or keep the input alone), fit and score it."""
         if prediction is None:
             data, bvals, bvecs = case.data[..., inputs], case.bvals[inputs], case.bvecs[inputs]
             sub_labels = labels[inputs]
@@ -237,30 +234,24 @@ def evaluate_case(
             bvals, bvecs, sub_labels = case.bvals, case.bvecs, labels
         dti = fit_dti(data, bvals, bvecs, mask, b0_threshold=thr)
         rish = _rish_by_shell(data, bvecs, sub_labels, mask)
-        row = {**base, "method": method.label, "seconds": seconds}
+        row = {**base, "method": label, "seconds": seconds}
         score(row, data, bvals, bvecs, dti, rish, prediction)
-        rows.append(_complete(row))
+        return _complete(row)
+
+    rows = []
+    for method in methods:
+        start = time.perf_counter()
+        prediction = predict_heldout(method, case)
+        seconds = time.perf_counter() - start
+        row = scored_row(method.label, prediction, seconds)
+        rows.append(row)
         if log is not None:
             log(
                 f"{case.group}/{case.name} {method.label}: FA MAE {row['fa_mae']:.4f}, "
                 f"{seconds:.1f} s"
             )
     if truth is not None:
-        perfect = truth[..., held]
-        data = case.data.copy()
-        data[..., held] = perfect
-        dti = fit_dti(data, case.bvals, case.bvecs, mask, b0_threshold=thr)
-        row = {**base, "method": PERFECT}
-        score(
-            row,
-            data,
-            case.bvals,
-            case.bvecs,
-            dti,
-            _rish_by_shell(data, case.bvecs, labels, mask),
-            perfect,
-        )
-        rows.append(_complete(row))
+        rows.append(scored_row(PERFECT, truth[..., held], float("nan")))
         row = {**base, "method": FULL, "n_input": int(held.size + base["n_input"])}
         row["n_heldout"] = 0
         truth_only = {"truth": references["truth"]}
